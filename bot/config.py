@@ -213,10 +213,10 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key} {message} (got {error.get('input')!r})"
 
 
-def config_path(explicit: str | Path | None = None) -> Path:
+def config_path(explicit: str | Path | None = None, environ: dict[str, str] | None = None) -> Path:
     if explicit:
         return Path(explicit)
-    env = os.environ.get(CONFIG_ENV)
+    env = (os.environ if environ is None else environ).get(CONFIG_ENV)
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
@@ -225,7 +225,7 @@ def load_config(
 ) -> Config:
     """Read, override and validate the config; raise `ConfigError` with one line."""
     environ = dict(os.environ if environ is None else environ)
-    resolved = config_path(path)
+    resolved = config_path(path, environ)
     data: dict[str, Any] = {}
     if resolved.exists():
         try:
