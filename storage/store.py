@@ -286,9 +286,9 @@ class Store:
                     )
                 ).all()
             )
-            deleted_messages = await session.execute(
-                delete(Message).where(Message.platform == platform, Message.user_id == user_id)
-            )
+            mine = (Message.platform == platform, Message.user_id == user_id)
+            message_count = await session.scalar(select(func.count()).select_from(Message).where(*mine))
+            await session.execute(delete(Message).where(*mine))
             emptied = 0
             for conversation_id in conversation_ids:
                 remaining = await session.scalar(
@@ -326,7 +326,7 @@ class Store:
             if platform == "web":
                 await session.execute(delete(WebSession).where(WebSession.user_id == user_id))
         return ForgetResult(
-            messages=deleted_messages.rowcount or 0,
+            messages=message_count or 0,
             conversations=emptied,
             draws=deleted_draws.rowcount or 0,
             image_paths=image_paths,
