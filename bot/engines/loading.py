@@ -7,7 +7,10 @@ to change instead of showing a stack of HTTP retries.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
 from bot.config import TextSection
@@ -33,6 +36,21 @@ def looks_local(name: str) -> bool:
     if path.exists() or path.is_absolute() or name.startswith((".", "~")):
         return True
     return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all, checked in a few seconds
+    instead of the minute of retries a download attempt takes offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def model_missing_message(key: str, name: str) -> str:
@@ -85,8 +103,17 @@ def load_causal_lm(config: TextSection, key: str = "text.model") -> tuple[Any, A
     device = resolve_device(config.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local)
+        try:
+            # A hub id already in the local Hugging Face cache loads without the network.
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+        except OSError:
+            if local:
+                raise
+            if not hub_reachable():
+                raise EngineUnavailable(model_missing_message(key, name)) from None
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as exc:
         log.debug("loading %s failed", name, exc_info=True)
         if local:

@@ -1,0 +1,256 @@
+"""The local text engine on the tiny GPT-2: batching, streaming, prefix reuse,
+the prompt budget, cleaning and the errors a user can fix."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import TextSection
+from bot.engines import EngineUnavailable
+from bot.engines.decoding import BatchDecoder
+from bot.engines.prompt import encode_dialogue, encode_turn
+from bot.engines.text import LocalTextEngine
+
+
+@pytest.fixture
+def text_config(tiny_model_dir: Path) -> Callable[..., TextSection]:
+    def factory(**values: Any) -> TextSection:
+        settings = {"model": str(tiny_model_dir), "device": "cpu", "greedy": True, "max_new_tokens": 16}
+        settings.update(values)
+        return TextSection(**settings)
+
+    return factory
+
+
+@pytest.fixture
+async def engine(text_config: Callable[..., TextSection]):
+    running = LocalTextEngine(text_config(batch_wait_ms=50))
+    await running.start()
+    yield running
+    await running.close()
+
+
+PROMPTS = [f"my dog {verb} coffee" for verb in ("likes", "loves", "hates", "watches", "reads about")]
+
+
+async def test_replies_are_clean_and_never_empty(engine: LocalTextEngine) -> None:
+    reply = await engine.generate(["I like pizza today."])
+    assert reply and reply == reply.strip() and "  " not in reply
+    assert "<|endoftext|>" not in reply
+    assert "I like pizza today." not in reply  # no prompt echo
+
+
+async def test_stream_grows_then_ends_with_the_final_reply(engine: LocalTextEngine) -> None:
+    parts = [part async for part in engine.stream(["you love music a lot."])]
+    assert parts[-1].final and all(not part.final for part in parts[:-1])
+    for earlier, later in zip(parts, parts[1:], strict=False):
+        assert later.text.startswith(earlier.text.rstrip()[:-1] if earlier.text else "")
+
+
+async def test_fallback_when_the_model_says_nothing(
+    text_config: Callable[..., TextSection], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = LocalTextEngine(text_config(fallback_reply="Say that again?"))
+    await running.start()
+    try:
+        eos = running.tokenizer.eos_token_id
+        monkeypatch.setattr(
+            BatchDecoder, "_next_tokens", lambda self, logits, seen: logits.new_full((logits.shape[0],), eos).long()
+        )
+        assert await running.generate(["hello"]) == "Say that again?"
+    finally:
+        await running.close()
+
+
+async def test_concurrent_requests_are_batched_and_each_gets_its_own_reply(
+    engine: LocalTextEngine,
+) -> None:
+    alone = [await engine.generate([prompt]) for prompt in PROMPTS]
+    together = await asyncio.gather(*(engine.generate([prompt]) for prompt in PROMPTS))
+    assert list(together) == alone
+    assert max(engine.batch_sizes) > 1
+
+
+async def test_the_model_runs_on_the_worker_thread_not_the_event_loop(
+    engine: LocalTextEngine,
+) -> None:
+    threads: set[str] = set()
+    original = engine.model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.add(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    engine.model.forward = spy
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await engine.generate(["I like pizza today."])
+    task.cancel()
+    assert threads == {"text-engine"}
+    assert ticks > 1  # the loop kept running while the model worked
+
+
+async def _conversation(engine: LocalTextEngine, turns: int, key: str) -> list[str]:
+    history: list[str] = []
+    replies = []
+    for index in range(turns):
+        history.append(f"we {('like', 'watch', 'cook', 'visit')[index % 4]} pizza today. {index}")
+        reply = await engine.generate(history, conversation=key)
+        replies.append(reply)
+        history.append(reply)
+    return replies
+
+
+async def test_prefix_reuse_gives_the_same_replies_as_recomputation(
+    text_config: Callable[..., TextSection],
+) -> None:
+    results = {}
+    for cache_mb in (0, 32):
+        running = LocalTextEngine(text_config(kv_cache_mb=cache_mb))
+        await running.start()
+        try:
+            results[cache_mb] = await _conversation(running, 6, "conv-1")
+            cache = running.prefix_cache
+            if cache_mb:
+                assert cache.hits >= 5 and cache.reused_tokens > 0
+            else:
+                assert cache.hits == 0
+        finally:
+            await running.close()
+    assert results[0] == results[32]
+
+
+async def test_prefix_reuse_is_correct_when_history_is_truncated(
+    text_config: Callable[..., TextSection],
+) -> None:
+    results = {}
+    for cache_mb in (0, 32):
+        running = LocalTextEngine(text_config(kv_cache_mb=cache_mb, max_history_tokens=40))
+        await running.start()
+        try:
+            results[cache_mb] = await _conversation(running, 8, "conv-2")
+        finally:
+            await running.close()
+    assert results[0] == results[32]
+
+
+async def test_prefix_reuse_mixed_with_fresh_rows_in_one_batch(
+    text_config: Callable[..., TextSection],
+) -> None:
+    """A batch holding a cached conversation and new ones decodes each row as if alone."""
+    reference = LocalTextEngine(text_config(kv_cache_mb=0))
+    await reference.start()
+    expected = [await reference.generate(["hello there", "I like pizza today.", p]) for p in PROMPTS]
+    await reference.close()
+
+    running = LocalTextEngine(text_config(kv_cache_mb=32, batch_wait_ms=100))
+    await running.start()
+    try:
+        # Warm the cache for conversation 0 only.
+        await running.generate(["hello there", "I like pizza today."], conversation="c0")
+        got = await asyncio.gather(
+            *(
+                running.generate(["hello there", "I like pizza today.", p], conversation=f"c{i}")
+                for i, p in enumerate(PROMPTS)
+            )
+        )
+        assert running.prefix_cache.hits >= 1
+    finally:
+        await running.close()
+    assert list(got) == expected
+
+
+def test_prompt_never_exceeds_the_budget_with_a_200_turn_history(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    turns = [f"turn {i}: my friend likes old books with friends." for i in range(200)]
+    for budget in (16, 64, 200, 500):
+        ids = encode_dialogue(tokenizer, turns, budget)
+        assert 0 < len(ids) <= budget
+        assert ids[-1] == tokenizer.eos_token_id
+    ids = encode_dialogue(tokenizer, turns, 200)
+    last = encode_turn(tokenizer, turns[-1])
+    assert ids[-len(last) :] == last  # the newest turn is whole
+    assert tokenizer.decode(ids).startswith("turn ")  # cut at a turn boundary
+
+
+def test_one_huge_turn_keeps_its_end(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = encode_dialogue(tokenizer, ["cats " * 500 + "the end"], 32)
+    assert len(ids) == 32 and "the end" in tokenizer.decode(ids)
+
+
+async def test_manager_prompt_fits_the_budget_after_200_turns(
+    running_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.engines import text as text_module
+    from bot.messages import Incoming
+
+    lengths: list[int] = []
+    original = text_module.encode_dialogue
+
+    def spy(tokenizer: Any, turns: Any, budget: int) -> list[int]:
+        ids = original(tokenizer, turns, budget)
+        lengths.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(text_module, "encode_dialogue", spy)
+    store = running_app.store
+    for i in range(100):
+        stored = await store.add_user_message(
+            platform="console", chat_id="c", owner="u", user_id="u", user_name="u", text=f"message {i} " * 3
+        )
+        await store.add_bot_message(reply_to=stored, platform="console", user_id="u", text=f"reply {i} " * 3)
+    incoming = Incoming("console", "c", "u", "u", "and now?")
+    [reply async for reply in running_app.manager.handle(incoming)]
+    budget = running_app.engine.prompt_budget
+    assert lengths and lengths[-1] <= budget
+    assert lengths[-1] > budget // 2  # the budget is used, not just the last turn
+
+
+async def test_cancelled_requests_are_dropped_and_the_worker_goes_on(engine: LocalTextEngine) -> None:
+    stream = engine.stream(["I like pizza today."])
+    await anext(aiter(stream))
+    await stream.aclose()
+    assert await engine.generate(["you love music a lot."])
+
+
+async def test_a_missing_local_model_names_the_key_and_the_fix(tmp_path: Path) -> None:
+    engine = LocalTextEngine(TextSection(model=str(tmp_path / "no-such-model")))
+    with pytest.raises(EngineUnavailable, match=r"text\.model .* does not exist: train .*aigc-bot train"):
+        await engine.start()
+
+
+async def test_a_hub_id_without_network_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    engine = LocalTextEngine(TextSection(model="someone/some-dialogue-model"))
+    with pytest.raises(EngineUnavailable, match=r"text\.model 'someone/some-dialogue-model' could not be loaded"):
+        await engine.start()
+
+
+async def test_cuda_requested_without_a_gpu_is_a_clear_error(
+    text_config: Callable[..., TextSection],
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    engine = LocalTextEngine(text_config(device="cuda"))
+    with pytest.raises(EngineUnavailable, match="text.device is 'cuda'"):
+        await engine.start()
