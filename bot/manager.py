@@ -80,7 +80,11 @@ class ConversationManager:
     async def handle(self, incoming: Incoming) -> AsyncIterator[Reply]:
         """Every reply to one incoming message, in order. Never raises for bad
         input or a failing dependency: the user gets a short notice instead."""
-        if not incoming.addressed and not incoming.is_private and self.config.bot.group_messages == "addressed":
+        if (
+            not incoming.addressed
+            and not incoming.is_private
+            and self.config.bot.group_messages == "addressed"
+        ):
             return
         started = time.monotonic()
         if self.metrics is not None:
@@ -99,7 +103,9 @@ class ConversationManager:
             if not self._in_flight:
                 self._idle.set()
             if self.metrics is not None:
-                self.metrics.reply_latency.labels(incoming.platform).observe(time.monotonic() - started)
+                self.metrics.reply_latency.labels(incoming.platform).observe(
+                    time.monotonic() - started
+                )
 
     async def close(self, grace: float | None = None) -> None:
         """Stop taking messages; let in-flight ones finish for `grace` seconds, then cancel them."""
@@ -117,7 +123,9 @@ class ConversationManager:
 
     async def _dispatch(self, incoming: Incoming) -> AsyncIterator[Reply]:
         if self._closing:
-            yield Notice("I'm restarting; please send that again in a minute.", NoticeKind.UNAVAILABLE, 30)
+            yield Notice(
+                "I'm restarting; please send that again in a minute.", NoticeKind.UNAVAILABLE, 30
+            )
             return
         text = incoming.text.strip()
         if not text:
@@ -163,7 +171,10 @@ class ConversationManager:
                         platform_message_id=incoming.message_id,
                     )
                 yield Typing()
-                async with self._turn_locks.hold(key):
+                async with (
+                    self._turn_locks.hold(key),
+                    self.store.conversation_lock(key.platform, key.chat_id, key.user_id),
+                ):
                     if ticket.event.is_set():
                         raise _Cancelled
                     history = await self.store.history(
@@ -172,7 +183,9 @@ class ConversationManager:
                     turns = [message.text for message in history] + [text]
                     cache_key = f"{key.platform}\x1f{key.chat_id}\x1f{key.user_id}\x1f{stored.conversation_id}"
                     final: Text | None = None
-                    async for partial in self._race(self.engine.stream(turns, conversation=cache_key), ticket):
+                    async for partial in self._race(
+                        self.engine.stream(turns, conversation=cache_key), ticket
+                    ):
                         if partial.final:
                             final = partial
                         else:
@@ -180,7 +193,10 @@ class ConversationManager:
                     if final is None:
                         raise EngineUnavailable("the engine ended without a reply")
                     await self.store.add_bot_message(
-                        reply_to=stored, platform=incoming.platform, user_id=incoming.user_id, text=final.text
+                        reply_to=stored,
+                        platform=incoming.platform,
+                        user_id=incoming.user_id,
+                        text=final.text,
                     )
                 yield final
             except _Cancelled:

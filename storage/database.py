@@ -30,7 +30,9 @@ def create_engine(url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) 
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
     else:
-        kwargs["pool_pre_ping"] = True
+        # Each conversation that is generating holds one connection for its
+        # advisory lock (see Store.conversation_lock), so allow plenty.
+        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=30)
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
 

@@ -8,12 +8,15 @@ user "try again" instead of crashing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy import text as sql
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -23,6 +26,10 @@ from storage.models import Conversation, Draw, Message, User, WebSession, utcnow
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+#: Draw statuses that count against `[limits] draws_per_hour`.
+LIMITED_DRAW_STATUSES = ("queued", "running", "done", "blocked")
 
 
 class StorageUnavailable(Exception):
@@ -88,6 +95,12 @@ class UserStats:
     conversations: int
     draws: int
     first_seen: datetime | None
+
+
+def lock_key(platform: str, chat_id: str, owner: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL advisory locks."""
+    digest = hashlib.blake2b(f"{platform}\x1f{chat_id}\x1f{owner}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _stored(row: Message) -> StoredMessage:
@@ -163,6 +176,12 @@ class Store:
     ) -> StoredMessage:
         """Commit a user's message to the conversation's active thread."""
         async with self._sessions.begin() as session:
+            if self.dialect == "postgresql":
+                # Serialise get-or-create of the active conversation across processes.
+                await session.execute(
+                    sql("SELECT pg_advisory_xact_lock(:key)"),
+                    {"key": lock_key(platform, chat_id, owner)},
+                )
             user = await session.scalar(
                 select(User).where(User.platform == platform, User.user_id == user_id)
             )
@@ -182,6 +201,29 @@ class Store:
             session.add(row)
             await session.flush()
             return _stored(row)
+
+    @asynccontextmanager
+    async def conversation_lock(self, platform: str, chat_id: str, owner: str) -> AsyncIterator[None]:
+        """Hold a conversation's turn across processes (PostgreSQL advisory
+        lock on a dedicated connection). SQLite serves a single process, whose
+        in-memory locks already order the turns, so there it is a no-op."""
+        if self.dialect != "postgresql":
+            yield
+            return
+        key = lock_key(platform, chat_id, owner)
+        try:
+            connection = await self.engine.connect()
+            await connection.execute(sql("SELECT pg_advisory_lock(:key)"), {"key": key})
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StorageUnavailable(type(exc).__name__) from exc
+        try:
+            yield
+        finally:
+            try:
+                await connection.execute(sql("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                await connection.commit()
+            finally:
+                await connection.close()
 
     @_guarded
     async def add_bot_message(
@@ -416,7 +458,8 @@ class Store:
         error: str | None = None,
         seed: int | None = None,
         options: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record a draw's outcome; False when its row is gone (the user ran /forget)."""
         values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
         if image_path is not None:
             values["image_path"] = image_path
@@ -427,10 +470,15 @@ class Store:
         if options is not None:
             values["options"] = options
         async with self._sessions.begin() as session:
-            await session.execute(update(Draw).where(Draw.public_id == public_id).values(**values))
+            result = await session.execute(
+                update(Draw).where(Draw.public_id == public_id).values(**values)
+            )
+            return bool(result.rowcount)
 
     @_guarded
     async def count_draws_since(self, platform: str, user_id: str, since: datetime) -> int:
+        """Draws that count against the hourly limit: queued, running, done or
+        blocked by the safety checker (not cancelled, failed or refused as busy)."""
         async with self._sessions() as session:
             return (
                 await session.scalar(
@@ -440,10 +488,31 @@ class Store:
                         Draw.platform == platform,
                         Draw.user_id == user_id,
                         Draw.created_at >= since,
-                        Draw.status.in_(("queued", "running", "done")),
+                        Draw.status.in_(LIMITED_DRAW_STATUSES),
                     )
                 )
                 or 0
+            )
+
+    @_guarded
+    async def draw_times_since(
+        self, platform: str, user_id: str, since: datetime
+    ) -> list[datetime]:
+        """When each draw that counts against the limit (see `count_draws_since`) was made."""
+        async with self._sessions() as session:
+            return list(
+                (
+                    await session.scalars(
+                        select(Draw.created_at)
+                        .where(
+                            Draw.platform == platform,
+                            Draw.user_id == user_id,
+                            Draw.created_at >= since,
+                            Draw.status.in_(LIMITED_DRAW_STATUSES),
+                        )
+                        .order_by(Draw.created_at)
+                    )
+                ).all()
             )
 
     @_guarded
@@ -465,13 +534,16 @@ class Store:
             ).all()
         return [
             {
+                "id": row.public_id,
                 "chat_id": row.chat_id,
                 "prompt": row.prompt,
                 "options": row.options,
                 "seed": row.seed,
                 "status": row.status,
+                "error": row.error,
                 "image": row.image_path,
                 "at": iso(row.created_at),
+                "finished_at": iso(row.finished_at) if row.finished_at else None,
             }
             for row in rows
         ]

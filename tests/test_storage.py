@@ -110,7 +110,13 @@ async def test_forget_deletes_everything_about_one_person(store: Store) -> None:
     await store.add_bot_message(reply_to=first, platform="test", user_id="ann", text="ok")
     await _say(store, "bob", "stays")
     await store.add_draw(
-        public_id="d1", platform="test", chat_id="c1", user_id="ann", prompt="a cat", options={}, seed=1
+        public_id="d1",
+        platform="test",
+        chat_id="c1",
+        user_id="ann",
+        prompt="a cat",
+        options={},
+        seed=1,
     )
     await store.finish_draw("d1", status="done", image_path="/tmp/nonexistent-d1.png")
     result = await store.forget_user("test", "ann")
@@ -157,3 +163,36 @@ async def test_database_going_away_raises_storage_unavailable(tmp_path: Path) ->
     with pytest.raises(StorageUnavailable):
         await _say(store, "ann", "hello")
     await store.close()
+
+
+async def test_two_processes_keep_one_conversation_in_order(postgres_url: str) -> None:
+    """Two managers with their own connection pools (as two `aigc-bot run`
+    processes would have) on one PostgreSQL serialise a conversation's turns."""
+    from bot.config import Config
+    from bot.manager import ConversationManager
+    from bot.messages import Incoming
+    from tests.engine_doubles import ScriptedEngine, jitter
+
+    config = Config.model_validate(
+        {"storage": {"url": postgres_url}, "limits": {"messages_per_minute": 0}}
+    )
+    stores = [await Store.open(postgres_url) for _ in range(2)]
+    engines = [ScriptedEngine(delay=jitter(0.005, 0.02)) for _ in range(2)]
+    managers = [ConversationManager(config, s, e) for s, e in zip(stores, engines, strict=True)]
+
+    async def send(index: int) -> None:
+        incoming = Incoming("test", "room", "ann", "Ann", f"message {index}")
+        [reply async for reply in managers[index % 2].handle(incoming)]
+
+    try:
+        await asyncio.gather(*(send(i) for i in range(10)))
+        history = await stores[0].active_history("test", "room", "ann")
+        prompts = sorted(engines[0].prompts + engines[1].prompts, key=len)
+    finally:
+        for opened in stores:
+            await opened.close()
+    assert len(history) == 20
+    # Every prompt holds every earlier exchange: no two turns overlapped.
+    for position, prompt in enumerate(prompts):
+        assert len(prompt) == 2 * position + 1
+        assert [m.text for m in history[: 2 * position]] == prompt[:-1]
