@@ -236,6 +236,9 @@ class ConversationManager:
         waiter = asyncio.ensure_future(ticket.event.wait())
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()  # our caller went away: don't leave the work running
+            raise
         finally:
             waiter.cancel()
         if task.done():

@@ -28,6 +28,7 @@ class ScriptedEngine:
         self.started = asyncio.Event()
         self.release: asyncio.Event | None = None
         self.closed = False
+        self.streams_closed = 0
 
     async def start(self) -> None:
         pass
@@ -48,14 +49,17 @@ class ScriptedEngine:
             raise EngineUnavailable("text.model is not loaded")
         self.prompts.append(list(turns))
         self.started.set()
-        if self.release is not None:
-            await self.release.wait()
-        await asyncio.sleep(self.delay())
-        text = self.reply(turns)
-        words = text.split(" ")
-        for index in range(1, len(words)):
-            yield Text(" ".join(words[:index]), final=False)
-        yield Text(text, final=True)
+        try:
+            if self.release is not None:
+                await self.release.wait()
+            await asyncio.sleep(self.delay())
+            text = self.reply(turns)
+            words = text.split(" ")
+            for index in range(1, len(words)):
+                yield Text(" ".join(words[:index]), final=False)
+            yield Text(text, final=True)
+        finally:
+            self.streams_closed += 1
 
     async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
         async for part in self.stream(turns, conversation=conversation):

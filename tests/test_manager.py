@@ -287,3 +287,20 @@ async def test_close_cancels_what_outlives_the_grace_period(config: Config, stor
     await manager.close(grace=0.05)
     collected = await asyncio.wait_for(stuck, 5)
     assert isinstance(collected[-1], Notice) and collected[-1].kind == NoticeKind.CANCELLED
+
+
+async def test_a_caller_that_goes_away_stops_the_generation(config: Config, store: Store) -> None:
+    engine = ScriptedEngine()
+    engine.release = asyncio.Event()
+    manager = ConversationManager(config, store, engine)
+    consumer = asyncio.create_task(replies(manager, message("I will hang up")))
+    await engine.started.wait()
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await asyncio.sleep(0.05)
+    assert engine.streams_closed == 1  # the engine was told to stop, not left running
+    # The conversation is free again at once: the next message is answered.
+    engine.release = None
+    collected = await asyncio.wait_for(replies(manager, message("hello again")), 5)
+    assert final_text(collected) == "echo: hello again"
