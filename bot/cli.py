@@ -77,7 +77,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     config = _load(args)
-    result = asyncio.run(_with_store(config, lambda store: store.forget_user(args.platform, args.user)))
+    result = asyncio.run(
+        _with_store(config, lambda store: store.forget_user(args.platform, args.user))
+    )
     for path in result.image_paths:
         Path(path).unlink(missing_ok=True)
     print(
@@ -99,11 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", help="run every enabled channel until SIGINT/SIGTERM").set_defaults(func=cmd_run)
+    sub.add_parser("run", help="run every enabled channel until SIGINT/SIGTERM").set_defaults(
+        func=cmd_run
+    )
     chat = sub.add_parser("chat", help="talk to the bot on stdin/stdout")
     chat.add_argument("--user", default="local", help="the console user's id (default: local)")
     chat.set_defaults(func=cmd_chat)
-    for name, func, verb in (("export", cmd_export, "print as JSON"), ("forget", cmd_forget, "delete")):
+    for name, func, verb in (
+        ("export", cmd_export, "print as JSON"),
+        ("forget", cmd_forget, "delete"),
+    ):
         command = sub.add_parser(name, help=f"{verb} everything stored about one user")
         command.add_argument("--platform", required=True, help="console, web, telegram or discord")
         command.add_argument("--user", required=True, help="the user's id on that platform")

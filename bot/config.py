@@ -13,7 +13,15 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 ENV_PREFIX = "AIGC_BOT__"
 CONFIG_ENV = "AIGC_BOT_CONFIG"
@@ -48,9 +56,7 @@ class StorageSection(Section):
     @classmethod
     def _known_driver(cls, value: str) -> str:
         if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-            raise ValueError(
-                "must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
-            )
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
         return value
 
 
@@ -96,8 +102,26 @@ class DrawSection(Section):
     default_height: Annotated[int, Field(gt=0)] = 512
     max_width: Annotated[int, Field(gt=0)] = 768
     max_height: Annotated[int, Field(gt=0)] = 768
-    guidance: Annotated[float, Field(ge=0)] = 7.5
+    guidance: Annotated[float, Field(ge=0, le=30)] = 7.5
     max_queue: Annotated[int, Field(gt=0)] = 16
+    progress_every_s: Annotated[float, Field(ge=0)] = 2.0
+    retry_load_after_s: Annotated[float, Field(ge=0)] = 60.0
+
+    @field_validator("default_width", "default_height", "max_width", "max_height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8 or value < 64:
+            raise ValueError("must be a multiple of 8, at least 64")
+        return value
+
+    @field_validator("max_steps", "max_width", "max_height")
+    @classmethod
+    def _not_below_default(cls, value: int, info: ValidationInfo) -> int:
+        default = info.data.get(str(info.field_name).replace("max_", "default_"))
+        if default is not None and value < default:
+            name = str(info.field_name).replace("max_", "default_")
+            raise ValueError(f"must be >= draw.{name} ({default})")
+        return value
 
 
 class LimitsSection(Section):
@@ -139,6 +163,51 @@ class DiscordSection(Section):
     channels: list[str] = Field(default_factory=list)
     channel_respond_to: dict[str, Literal["mention", "all"]] = Field(default_factory=dict)
     command_guild_id: str = ""
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channel_ids(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            value = [str(item) if isinstance(item, int) else item for item in value]
+            if not all(isinstance(item, str) and item.isdigit() for item in value):
+                raise ValueError("must be a list of channel ids (digits)")
+        return value
+
+    @field_validator("channel_respond_to")
+    @classmethod
+    def _channel_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        if not all(key.isdigit() for key in value):
+            raise ValueError('must map channel ids (digits) to "mention" or "all"')
+        return value
+
+    @field_validator("command_guild_id", mode="before")
+    @classmethod
+    def _guild_id(cls, value: Any) -> Any:
+        value = str(value) if isinstance(value, int) else value
+        if isinstance(value, str) and value and not value.isdigit():
+            raise ValueError('must be a guild id (digits) or ""')
+        return value
+
+    @field_validator("shard_count")
+    @classmethod
+    def _shards(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError('must be "auto" or a number >= 1')
+        return value
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("gateway_url")
+    @classmethod
+    def _ws_url(cls, value: str) -> str:
+        if value and not value.startswith(("ws://", "wss://")):
+            raise ValueError('must start with ws:// or wss:// (or be "")')
+        return value
 
 
 class Config(Section):
@@ -220,9 +289,7 @@ def config_path(explicit: str | Path | None = None, environ: dict[str, str] | No
     return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
-def load_config(
-    path: str | Path | None = None, environ: dict[str, str] | None = None
-) -> Config:
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Read, override and validate the config; raise `ConfigError` with one line."""
     environ = dict(os.environ if environ is None else environ)
     resolved = config_path(path, environ)

@@ -15,6 +15,13 @@ def _line(ok: bool | None, what: str, detail: str) -> str:
     return f"[{mark}] {what}: {detail}"
 
 
+def _model_architecture(model: str) -> str | None:
+    config_file = Path(model).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    return str(json.loads(config_file.read_text()).get("architectures", ["?"])[0])
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -26,13 +33,21 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
 
     failures = 0
     path = config_path(explicit_path)
-    print(_line(True, "config", f"{path} valid" if path.exists() else "no file, using the embedded defaults"))
+    print(
+        _line(
+            True,
+            "config",
+            f"{path} valid" if path.exists() else "no file, using the embedded defaults",
+        )
+    )
 
     try:
         store = await Store.open(config.storage.url, busy_timeout_ms=config.storage.busy_timeout_ms)
         await store.ping()
         await store.close()
-        print(_line(True, "database", f"{_safe_url(config.storage.url)} reachable, schema up to date"))
+        print(
+            _line(True, "database", f"{_safe_url(config.storage.url)} reachable, schema up to date")
+        )
     except StorageUnavailable as exc:
         failures += 1
         print(_line(False, "database", f"{_safe_url(config.storage.url)}: {exc}"))
@@ -41,15 +56,18 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
     if config.text.engine == "remote":
         print(_line(None, "text model", f"remote engine at {config.text.remote_url}"))
     elif looks_local(model):
-        model_config = Path(model).expanduser() / "config.json"
-        if model_config.is_file():
-            arch = json.loads(model_config.read_text()).get("architectures", ["?"])[0]
+        arch = _model_architecture(model)
+        if arch is not None:
             print(_line(True, "text model", f"{model} ({arch})"))
         else:
             failures += 1
             print(_line(False, "text model", model_missing_message("text.model", model)))
     else:
-        print(_line(None, "text model", f"hub id {model!r}: downloaded on first start (needs network)"))
+        print(
+            _line(
+                None, "text model", f"hub id {model!r}: downloaded on first start (needs network)"
+            )
+        )
 
     import torch
 
@@ -63,7 +81,13 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
         is_set = bool(os.environ.get(settings.token_env, "").strip())
         state = "set" if is_set else "not set"
         enabled = "enabled" if settings.enabled and is_set else "off"
-        print(_line(is_set or None, f"{section} token", f"${settings.token_env} {state} ({section} {enabled})"))
+        print(
+            _line(
+                is_set or None,
+                f"{section} token",
+                f"${settings.token_env} {state} ({section} {enabled})",
+            )
+        )
     web = config.web
     print(_line(None, "web", f"{'on' if web.enabled else 'off'}, http://{web.host}:{web.port}/"))
     return 1 if failures else 0

@@ -34,6 +34,10 @@ class SlidingWindowLimiter:
         return None
 
     def _prune(self, now: float) -> None:
-        stale = [key for key, events in self._events.items() if not events or events[-1] <= now - self.window]
+        stale = [
+            key
+            for key, events in self._events.items()
+            if not events or events[-1] <= now - self.window
+        ]
         for key in stale:
             del self._events[key]

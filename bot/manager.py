@@ -27,8 +27,14 @@ from storage import StorageUnavailable, Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-STORAGE_DOWN = "I can't reach my memory right now, so I didn't take that message. Please try again in a moment."
-ENGINE_DOWN = "I can't answer right now (my language model is unavailable). Your message is saved; please try again later."
+STORAGE_DOWN = (
+    "I can't reach my memory right now, so I didn't take that message. "
+    "Please try again in a moment."
+)
+ENGINE_DOWN = (
+    "I can't answer right now (my language model is unavailable). "
+    "Your message is saved; please try again later."
+)
 INTERNAL_ERROR = "Something went wrong on my side. Please try again."
 
 
@@ -181,7 +187,9 @@ class ConversationManager:
                         stored.conversation_id, before_id=stored.id, limit=self._history_limit()
                     )
                     turns = [message.text for message in history] + [text]
-                    cache_key = f"{key.platform}\x1f{key.chat_id}\x1f{key.user_id}\x1f{stored.conversation_id}"
+                    cache_key = "\x1f".join(
+                        (key.platform, key.chat_id, key.user_id, str(stored.conversation_id))
+                    )
                     final: Text | None = None
                     async for partial in self._race(
                         self.engine.stream(turns, conversation=cache_key), ticket
@@ -312,16 +320,15 @@ class ConversationManager:
         key = ConversationKey.for_message(incoming, self.config.bot.history_scope)
         async with self._admit_locks.hold(key), self._turn_locks.hold(key):
             await self.store.reset(key.platform, key.chat_id, key.user_id)
-        return "Started a new conversation. I won't remember what we said before (it's still stored; /forget deletes it)."
+        return (
+            "Started a new conversation. I won't remember what we said before "
+            "(it's still stored; /forget deletes it)."
+        )
 
     async def _forget(self, incoming: Incoming) -> str:
         self._cancel(incoming)
         result = await self.store.forget_user(incoming.platform, incoming.user_id)
-        removed = 0
-        for path in result.image_paths:
-            with contextlib.suppress(FileNotFoundError):
-                Path(path).unlink()
-                removed += 1
+        await asyncio.to_thread(_remove_files, result.image_paths)
         return (
             f"Done: I deleted everything I had stored about you "
             f"({result.messages} messages, {result.draws} pictures)."
@@ -334,3 +341,8 @@ class ConversationManager:
             f"Your usage{since}: {stats.messages} messages, {stats.replies} replies, "
             f"{stats.conversations} conversations, {stats.draws} pictures."
         )
+
+
+def _remove_files(paths: list[str]) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)

@@ -35,7 +35,7 @@ def build_tiny_gpt2(
         sample_lines(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"]
     )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,  # noqa: SLF001 - the documented way to wrap it
+        tokenizer_object=bpe._tokenizer,
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",

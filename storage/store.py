@@ -203,7 +203,9 @@ class Store:
             return _stored(row)
 
     @asynccontextmanager
-    async def conversation_lock(self, platform: str, chat_id: str, owner: str) -> AsyncIterator[None]:
+    async def conversation_lock(
+        self, platform: str, chat_id: str, owner: str
+    ) -> AsyncIterator[None]:
         """Hold a conversation's turn across processes (PostgreSQL advisory
         lock on a dedicated connection). SQLite serves a single process, whose
         in-memory locks already order the turns, so there it is a no-op."""
@@ -329,7 +331,9 @@ class Store:
                 ).all()
             )
             mine = (Message.platform == platform, Message.user_id == user_id)
-            message_count = await session.scalar(select(func.count()).select_from(Message).where(*mine))
+            message_count = await session.scalar(
+                select(func.count()).select_from(Message).where(*mine)
+            )
             await session.execute(delete(Message).where(*mine))
             emptied = 0
             for conversation_id in conversation_ids:

@@ -81,7 +81,10 @@ def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards."""
     reason = postgres_unavailable_reason()
     if reason is not None:
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_DSN} cannot be reached even after trying to start it: {reason}")
+        pytest.skip(
+            f"PostgreSQL at {PG_ADMIN_DSN} cannot be reached even after trying to start it: "
+            f"{reason}"
+        )
     name = f"aigc_test_{uuid.uuid4().hex[:12]}"
 
     async def admin(sql: str) -> None:

@@ -95,7 +95,12 @@ def _get(url: str) -> tuple[int, dict]:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_run_serves_the_web_api_and_stops_cleanly(bot_env: dict[str, str], signum: int) -> None:
     port = _free_port()
-    env = {**bot_env, "AIGC_BOT__WEB__PORT": str(port), "TELEGRAM_BOT_TOKEN": "", "DISCORD_BOT_TOKEN": ""}
+    env = {
+        **bot_env,
+        "AIGC_BOT__WEB__PORT": str(port),
+        "TELEGRAM_BOT_TOKEN": "",
+        "DISCORD_BOT_TOKEN": "",
+    }
     env.pop("AIGC_BOT__TELEGRAM__ENABLED")
     env.pop("AIGC_BOT__DISCORD__ENABLED")
     process = subprocess.Popen(

@@ -43,7 +43,7 @@ def test_shipped_config_equals_the_defaults() -> None:
 
 def test_env_overrides_any_key(tmp_path: Path) -> None:
     path = tmp_path / "bot.toml"
-    path.write_text('[text]\ntemperature = 0.5\n[web]\nport = 9000\n')
+    path.write_text("[text]\ntemperature = 0.5\n[web]\nport = 9000\n")
     config = load_config(
         path,
         environ={
@@ -126,5 +126,5 @@ def test_secrets_come_from_the_named_env_var_and_never_print(
 def test_secret_values_in_the_config_file_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "leaky.toml"
     path.write_text('[telegram]\ntoken = "123:abc"\n')
-    with pytest.raises(ConfigError, match="telegram.token is not a known key"):
+    with pytest.raises(ConfigError, match=r"telegram\.token is not a known key"):
         load_config(path, environ={})

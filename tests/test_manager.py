@@ -46,12 +46,17 @@ def final_text(collected: list[Reply]) -> str:
     return finals[0].text
 
 
-async def test_a_message_is_stored_answered_and_the_answer_stored(config: Config, store: Store) -> None:
+async def test_a_message_is_stored_answered_and_the_answer_stored(
+    config: Config, store: Store
+) -> None:
     engine = ScriptedEngine()
     manager = ConversationManager(config, store, engine)
     collected = await replies(manager, message("hello there"))
     assert isinstance(collected[0], Typing)
-    assert [r.text for r in collected if isinstance(r, Text) and not r.final] == ["echo:", "echo: hello"]
+    assert [r.text for r in collected if isinstance(r, Text) and not r.final] == [
+        "echo:",
+        "echo: hello",
+    ]
     assert final_text(collected) == "echo: hello there"
     exported = await store.export_user("test", "ann")
     assert [(m.role, m.text) for m in exported[0].messages] == [
@@ -119,7 +124,9 @@ def test_fifty_users_each_find_only_their_own_messages_in_export(
         manager = ConversationManager(config, store, ScriptedEngine(delay=jitter()))
         await asyncio.gather(
             *(
-                replies(manager, message(f"I am user {i}, turn {turn}", user=f"user{i}", chat="lobby"))
+                replies(
+                    manager, message(f"I am user {i}, turn {turn}", user=f"user{i}", chat="lobby")
+                )
                 for i in range(50)
                 for turn in range(2)
             )
@@ -130,7 +137,12 @@ def test_fifty_users_each_find_only_their_own_messages_in_export(
     config_file = tmp_path / "export.toml"
     config_file.write_text(f'[storage]\nurl = "{config.storage.url}"\n')
     for i in range(50):
-        assert main(["--config", str(config_file), "export", "--platform", "test", "--user", f"user{i}"]) == 0
+        assert (
+            main(
+                ["--config", str(config_file), "export", "--platform", "test", "--user", f"user{i}"]
+            )
+            == 0
+        )
         document = json.loads(capsys.readouterr().out)
         assert document["platform"] == "test" and document["user_id"] == f"user{i}"
         texts = [m["text"] for c in document["conversations"] for m in c["messages"]]
@@ -220,10 +232,15 @@ async def test_cancel_drops_a_running_request(config: Config, store: Store) -> N
     # Both messages were accepted and stay stored; no reply was stored.
     exported = await store.export_user("test", "ann")
     assert [m.role for c in exported for m in c.messages] == ["user", "user"]
-    assert final_text(await replies(manager, message("/cancel"))) == "You have nothing queued or running."
+    assert (
+        final_text(await replies(manager, message("/cancel")))
+        == "You have nothing queued or running."
+    )
 
 
-async def test_rate_limit_answers_with_the_wait(make_config: Callable[..., Config], store: Store) -> None:
+async def test_rate_limit_answers_with_the_wait(
+    make_config: Callable[..., Config], store: Store
+) -> None:
     config = make_config(limits={"messages_per_minute": 2})
     manager = ConversationManager(config, store, ScriptedEngine())
     await replies(manager, message("one"))
@@ -264,10 +281,17 @@ async def test_unexpected_errors_become_a_generic_notice(config: Config, store: 
     collected = await replies(manager, message("boom"))
     assert isinstance(collected[-1], Notice) and collected[-1].kind == NoticeKind.ERROR
     assert "ZeroDivision" not in collected[-1].text
-    assert final_text(await replies(ConversationManager(config, store, ScriptedEngine()), message("ok"))) == "echo: ok"
+    assert (
+        final_text(
+            await replies(ConversationManager(config, store, ScriptedEngine()), message("ok"))
+        )
+        == "echo: ok"
+    )
 
 
-async def test_close_lets_replies_in_flight_finish_then_refuses(config: Config, store: Store) -> None:
+async def test_close_lets_replies_in_flight_finish_then_refuses(
+    config: Config, store: Store
+) -> None:
     engine = ScriptedEngine(delay=lambda: 0.1)
     manager = ConversationManager(config, store, engine)
     in_flight = asyncio.create_task(replies(manager, message("finish me")))

@@ -4,6 +4,7 @@ the prompt budget, cleaning and the errors a user can fix."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,12 @@ from bot.engines.text import LocalTextEngine
 @pytest.fixture
 def text_config(tiny_model_dir: Path) -> Callable[..., TextSection]:
     def factory(**values: Any) -> TextSection:
-        settings = {"model": str(tiny_model_dir), "device": "cpu", "greedy": True, "max_new_tokens": 16}
+        settings = {
+            "model": str(tiny_model_dir),
+            "device": "cpu",
+            "greedy": True,
+            "max_new_tokens": 16,
+        }
         settings.update(values)
         return TextSection(**settings)
 
@@ -36,7 +42,9 @@ async def engine(text_config: Callable[..., TextSection]):
     await running.close()
 
 
-PROMPTS = [f"my dog {verb} coffee" for verb in ("likes", "loves", "hates", "watches", "reads about")]
+PROMPTS = [
+    f"my dog {verb} coffee" for verb in ("likes", "loves", "hates", "watches", "reads about")
+]
 
 
 async def test_replies_are_clean_and_never_empty(engine: LocalTextEngine) -> None:
@@ -49,7 +57,7 @@ async def test_replies_are_clean_and_never_empty(engine: LocalTextEngine) -> Non
 async def test_stream_grows_then_ends_with_the_final_reply(engine: LocalTextEngine) -> None:
     parts = [part async for part in engine.stream(["you love music a lot."])]
     assert parts[-1].final and all(not part.final for part in parts[:-1])
-    for earlier, later in zip(parts, parts[1:], strict=False):
+    for earlier, later in itertools.pairwise(parts):
         assert later.text.startswith(earlier.text.rstrip()[:-1] if earlier.text else "")
 
 
@@ -61,7 +69,9 @@ async def test_fallback_when_the_model_says_nothing(
     try:
         eos = running.tokenizer.eos_token_id
         monkeypatch.setattr(
-            BatchDecoder, "_next_tokens", lambda self, logits, seen: logits.new_full((logits.shape[0],), eos).long()
+            BatchDecoder,
+            "_next_tokens",
+            lambda self, logits, seen: logits.new_full((logits.shape[0],), eos).long(),
         )
         assert await running.generate(["hello"]) == "Say that again?"
     finally:
@@ -153,7 +163,9 @@ async def test_prefix_reuse_mixed_with_fresh_rows_in_one_batch(
     """A batch holding a cached conversation and new ones decodes each row as if alone."""
     reference = LocalTextEngine(text_config(kv_cache_mb=0))
     await reference.start()
-    expected = [await reference.generate(["hello there", "I like pizza today.", p]) for p in PROMPTS]
+    expected = [
+        await reference.generate(["hello there", "I like pizza today.", p]) for p in PROMPTS
+    ]
     await reference.close()
 
     running = LocalTextEngine(text_config(kv_cache_mb=32, batch_wait_ms=100))
@@ -214,9 +226,16 @@ async def test_manager_prompt_fits_the_budget_after_200_turns(
     store = running_app.store
     for i in range(100):
         stored = await store.add_user_message(
-            platform="console", chat_id="c", owner="u", user_id="u", user_name="u", text=f"message {i} " * 3
+            platform="console",
+            chat_id="c",
+            owner="u",
+            user_id="u",
+            user_name="u",
+            text=f"message {i} " * 3,
         )
-        await store.add_bot_message(reply_to=stored, platform="console", user_id="u", text=f"reply {i} " * 3)
+        await store.add_bot_message(
+            reply_to=stored, platform="console", user_id="u", text=f"reply {i} " * 3
+        )
     incoming = Incoming("console", "c", "u", "u", "and now?")
     [reply async for reply in running_app.manager.handle(incoming)]
     budget = running_app.engine.prompt_budget
@@ -224,7 +243,9 @@ async def test_manager_prompt_fits_the_budget_after_200_turns(
     assert lengths[-1] > budget // 2  # the budget is used, not just the last turn
 
 
-async def test_cancelled_requests_are_dropped_and_the_worker_goes_on(engine: LocalTextEngine) -> None:
+async def test_cancelled_requests_are_dropped_and_the_worker_goes_on(
+    engine: LocalTextEngine,
+) -> None:
     stream = engine.stream(["I like pizza today."])
     await anext(aiter(stream))
     await stream.aclose()
@@ -233,14 +254,18 @@ async def test_cancelled_requests_are_dropped_and_the_worker_goes_on(engine: Loc
 
 async def test_a_missing_local_model_names_the_key_and_the_fix(tmp_path: Path) -> None:
     engine = LocalTextEngine(TextSection(model=str(tmp_path / "no-such-model")))
-    with pytest.raises(EngineUnavailable, match=r"text\.model .* does not exist: train .*aigc-bot train"):
+    with pytest.raises(
+        EngineUnavailable, match=r"text\.model .* does not exist: train .*aigc-bot train"
+    ):
         await engine.start()
 
 
 async def test_a_hub_id_without_network_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     engine = LocalTextEngine(TextSection(model="someone/some-dialogue-model"))
-    with pytest.raises(EngineUnavailable, match=r"text\.model 'someone/some-dialogue-model' could not be loaded"):
+    with pytest.raises(
+        EngineUnavailable, match=r"text\.model 'someone/some-dialogue-model' could not be loaded"
+    ):
         await engine.start()
 
 
@@ -252,5 +277,5 @@ async def test_cuda_requested_without_a_gpu_is_a_clear_error(
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     engine = LocalTextEngine(text_config(device="cuda"))
-    with pytest.raises(EngineUnavailable, match="text.device is 'cuda'"):
+    with pytest.raises(EngineUnavailable, match=r"text\.device is 'cuda'"):
         await engine.start()

@@ -108,7 +108,9 @@ class BatchDecoder:
         """Encode every row's uncached prompt tokens in one forward pass."""
         lookups = [self.cache.lookup(r.cache_key, r.prompt_ids) for r in requests]
         cached_width = max(reuse for reuse, _ in lookups)
-        new_width = max(len(r.prompt_ids) - reuse for r, (reuse, _) in zip(requests, lookups, strict=True))
+        new_width = max(
+            len(r.prompt_ids) - reuse for r, (reuse, _) in zip(requests, lookups, strict=True)
+        )
         batch = len(requests)
         device = self.device
 

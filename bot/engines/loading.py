@@ -10,8 +10,8 @@ import logging
 import os
 import socket
 from pathlib import Path
-from urllib.parse import urlparse
 from typing import Any
+from urllib.parse import urlparse
 
 from bot.config import TextSection
 from bot.engines import EngineUnavailable
@@ -117,7 +117,9 @@ def load_causal_lm(config: TextSection, key: str = "text.model") -> tuple[Any, A
     except OSError as exc:
         log.debug("loading %s failed", name, exc_info=True)
         if local:
-            raise EngineUnavailable(f"{key} {name!r} is not a loadable model: {exc}".splitlines()[0]) from exc
+            raise EngineUnavailable(
+                f"{key} {name!r} is not a loadable model: {exc}".splitlines()[0]
+            ) from exc
         raise EngineUnavailable(model_missing_message(key, name)) from exc
     if tokenizer.eos_token_id is None:
         raise EngineUnavailable(f"{key} {name!r}: its tokenizer has no EOS token")
@@ -126,7 +128,9 @@ def load_causal_lm(config: TextSection, key: str = "text.model") -> tuple[Any, A
     model.eval()
     if config.quantize == "int8":
         if device.type != "cpu":
-            raise EngineUnavailable("text.quantize = 'int8' works on the CPU only; set text.device = 'cpu'")
+            raise EngineUnavailable(
+                "text.quantize = 'int8' works on the CPU only; set text.device = 'cpu'"
+            )
         model = quantize_int8(model)
     model.to(device)
     return model, tokenizer, device

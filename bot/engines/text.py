@@ -161,7 +161,9 @@ class LocalTextEngine:
         positions = getattr(self.model.config, "n_positions", None) or getattr(
             self.model.config, "max_position_embeddings", 1024
         )
-        self.prompt_budget = max(8, min(self.config.max_history_tokens, positions - self.config.max_new_tokens))
+        self.prompt_budget = max(
+            8, min(self.config.max_history_tokens, positions - self.config.max_new_tokens)
+        )
         eos_id = self.tokenizer.eos_token_id
         if eos_id is None:
             raise EngineUnavailable(f"text.model {self.config.model!r} has no EOS token")
@@ -230,7 +232,9 @@ class LocalTextEngine:
         except Exception as exc:
             log.exception("text generation failed for a batch of %d", len(requests))
             for pending in batch:
-                self._send(pending, "error", EngineUnavailable(f"generation failed: {type(exc).__name__}"))
+                self._send(
+                    pending, "error", EngineUnavailable(f"generation failed: {type(exc).__name__}")
+                )
         finally:
             if self.metrics is not None:
                 self.metrics.generated_tokens.inc(self._decoder.generated_tokens - before)
