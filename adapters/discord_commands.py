@@ -1,0 +1,107 @@
+"""Slash commands: /chat, /draw, /reset, /forget, /stats, /cancel and /help.
+
+Each one is turned into the text the manager already understands (`/draw
+"a red fox" --seed 7`, `/reset`, or the plain message for /chat), so a slash
+command and a typed command behave the same everywhere. `run` defers the
+interaction at once and follows up when the answer is ready (see
+`DiscordChannel._run_command`). Personal commands answer ephemerally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import discord
+from discord import app_commands
+
+#: (interaction, text for the manager, ephemeral)
+CommandRunner = Callable[[discord.Interaction, str, bool], Awaitable[None]]
+_QUOTE_PAIRS = (('"', '"'), ("“", "”"), ("«", "»"))
+
+
+def quote(value: str) -> str:
+    """One word for the `/draw` parser: the value in quotes that it cannot contain."""
+    for opener, closer in _QUOTE_PAIRS:
+        if closer not in value:
+            return f"{opener}{value}{closer}"
+    return '"' + value.replace('"', "'") + '"'
+
+
+def draw_text(
+    prompt: str,
+    *,
+    seed: int | None = None,
+    steps: int | None = None,
+    size: str | None = None,
+    negative: str | None = None,
+    guidance: float | None = None,
+) -> str:
+    """The `/draw` command line for these options; free text is quoted."""
+    words = ["/draw", quote(prompt.strip())]
+    if seed is not None:
+        words += ["--seed", str(seed)]
+    if steps is not None:
+        words += ["--steps", str(steps)]
+    if size and size.strip():
+        words += ["--size", "".join(size.split())]
+    if negative and negative.strip():
+        words += ["--negative", quote(negative.strip())]
+    if guidance is not None:
+        words += ["--guidance", f"{guidance:g}"]
+    return " ".join(words)
+
+
+def build_command_tree(client: discord.Client, run: CommandRunner) -> app_commands.CommandTree:
+    tree = app_commands.CommandTree(client)
+
+    @tree.command(name="chat", description="Talk to me")
+    @app_commands.describe(message="What you want to say")
+    async def chat(interaction: discord.Interaction, message: str) -> None:
+        await run(interaction, message, False)
+
+    @tree.command(name="draw", description="Draw a picture")
+    @app_commands.describe(
+        prompt="What to draw",
+        seed="Re-make a picture: the seed of an earlier one",
+        steps="More steps: slower, more detail",
+        size="Width x height, e.g. 512x512",
+        negative="What to keep out of the picture",
+        guidance="How closely to follow the prompt (e.g. 7.5)",
+    )
+    async def draw(
+        interaction: discord.Interaction,
+        prompt: str,
+        seed: app_commands.Range[int, 0, 2**53] | None = None,
+        steps: app_commands.Range[int, 1, 1000] | None = None,
+        size: str | None = None,
+        negative: str | None = None,
+        guidance: app_commands.Range[float, 0.0, 30.0] | None = None,
+    ) -> None:
+        text = draw_text(
+            prompt, seed=seed, steps=steps, size=size, negative=negative, guidance=guidance
+        )
+        await run(interaction, text, False)
+
+    @tree.command(
+        name="reset", description="Start a new conversation (the old one is kept for export)"
+    )
+    async def reset(interaction: discord.Interaction) -> None:
+        await run(interaction, "/reset", True)
+
+    @tree.command(name="forget", description="Delete everything I have stored about you")
+    async def forget(interaction: discord.Interaction) -> None:
+        await run(interaction, "/forget", True)
+
+    @tree.command(name="stats", description="Your usage")
+    async def stats(interaction: discord.Interaction) -> None:
+        await run(interaction, "/stats", True)
+
+    @tree.command(name="cancel", description="Drop your queued or running request")
+    async def cancel(interaction: discord.Interaction) -> None:
+        await run(interaction, "/cancel", True)
+
+    @tree.command(name="help", description="What I can do")
+    async def help_(interaction: discord.Interaction) -> None:
+        await run(interaction, "/help", True)
+
+    return tree

@@ -1,0 +1,1 @@
+"""Local stand-ins for the platforms the bot talks to (test servers)."""
