@@ -1,72 +1,59 @@
-"""The web channel: the JSON API (and the widget) on the bot's aiohttp server.
+"""The web channel: the JSON API and the chat widget on the bot's aiohttp server.
 
 `POST /api/sessions` issues a random bearer token (only its SHA-256 is
-stored); `POST /api/messages` answers a message; `GET /api/messages` returns
-the session's current conversation. Errors are JSON `{"error": ...}`.
+stored); `POST /api/messages` answers a message, as one JSON document or, with
+`Accept: text/event-stream`, as Server-Sent Events while the reply is
+generated; `GET /api/messages` returns the session's current conversation.
+`GET /` is a demo page and `GET /widget.js` the embeddable widget (files in
+adapters/static). Errors are JSON `{"error": ...}`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from aiohttp import web
 
+from adapters.web_http import (
+    LASTING,
+    CorsPolicy,
+    EventStream,
+    error_response,
+    json_error,
+    json_errors,
+    reply_event,
+    token_hash,
+    wants_event_stream,
+)
 from bot.channels import Handler, Services
 from bot.limits import SlidingWindowLimiter
-from bot.messages import Image, Incoming, Notice, NoticeKind, Text
+from bot.messages import Incoming, Reply
 from bot.metrics import CONTENT_TYPE_LATEST
 from storage import StorageUnavailable, Store
+
+__all__ = ["PLATFORM", "STATIC_DIR", "WebChannel", "json_error", "token_hash"]
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "web"
-_STATUS_FOR_NOTICE = {
-    NoticeKind.EMPTY: 400,
-    NoticeKind.TOO_LONG: 413,
-    NoticeKind.RATE_LIMITED: 429,
-    NoticeKind.BUSY: 429,
-    NoticeKind.UNAVAILABLE: 503,
-    NoticeKind.ERROR: 500,
+STATIC_DIR = Path(__file__).with_name("static")
+#: name -> (file, Cache-Control) of the widget's files.
+STATIC_FILES = {
+    "/": ("index.html", "no-cache"),
+    "/widget.js": ("widget.js", "public, max-age=300"),
+    "/widget.css": ("widget.css", "public, max-age=300"),
 }
-_EPHEMERAL = {NoticeKind.QUEUED, NoticeKind.PROGRESS}
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def json_error(status: int, message: str, retry_after: float | None = None) -> web.Response:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
-    return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def reply_json(reply: Text | Image | Notice) -> dict[str, Any]:
-    if isinstance(reply, Image):
-        return {"type": "image", "url": f"/media/{reply.draw_id}.png", "seed": reply.seed, "caption": reply.caption}
-    if isinstance(reply, Notice):
-        return {"type": "notice", "text": reply.text}
-    return {"type": "text", "text": reply.text}
-
-
-@web.middleware
-async def json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413 from the body limit) as JSON."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason)
-    except StorageUnavailable:
-        return json_error(503, "storage unavailable, try again shortly", retry_after=10)
+#: A comment line this often keeps proxies from closing a quiet event stream.
+HEARTBEAT_S = 15.0
+_BAD_BODY = 'the body must be JSON like {"text": "..."}'
+_NO_SESSION = "missing or unknown session; create one with POST /api/sessions"
 
 
 class WebChannel:
@@ -80,6 +67,9 @@ class WebChannel:
         self.store: Store = services.store
         self.metrics = services.metrics
         self.session_limiter = SlidingWindowLimiter(self.config.web.sessions_per_minute, 60.0)
+        self.cors = CorsPolicy(self.config.web.allowed_origins, self.config.web.public_url)
+        self.media_base = self.config.web.public_url.rstrip("/")
+        self.heartbeat_s = HEARTBEAT_S
         self.app = self.build_app()
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
@@ -92,15 +82,19 @@ class WebChannel:
         return cls(services)
 
     def build_app(self) -> web.Application:
+        max_body = self.config.web.max_body_bytes
         app = web.Application(
-            client_max_size=self.config.web.max_body_bytes, middlewares=[json_errors]
+            client_max_size=max_body, middlewares=[self.cors.middleware, json_errors(max_body)]
         )
+        app.on_response_prepare.append(self.cors.add_headers)
         app.router.add_post("/api/sessions", self.create_session)
         app.router.add_post("/api/messages", self.post_message)
         app.router.add_get("/api/messages", self.get_messages)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get(r"/media/{draw_id:[A-Za-z0-9_-]+}.png", self.media)
+        for path in STATIC_FILES:
+            app.router.add_get(path, self.static)
         return app
 
     async def start(self) -> None:
@@ -108,7 +102,7 @@ class WebChannel:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.web.host, self.config.web.port)
         await site.start()
-        server = site._server  # noqa: SLF001 - the bound port when port = 0
+        server = site._server  # the bound port when port = 0
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else self.config.web.port
         log.info("web channel on http://%s:%s/", self.config.web.host, self.port)
@@ -135,15 +129,17 @@ class WebChannel:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return json_error(400, "the body must be JSON like {\"text\": \"...\"}")
+            return json_error(400, _BAD_BODY)
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-            return json_error(400, "the body must be JSON like {\"text\": \"...\"}")
+            return json_error(400, _BAD_BODY)
         text: str = body["text"]
         if not text.strip():
             return json_error(400, "text must not be empty")
         limit = self.config.bot.max_input_chars
         if len(text.strip()) > limit:
-            return json_error(413, f"text is too long ({len(text)} characters; the limit is {limit})")
+            size = len(text.strip())
+            message = f"That message is too long ({size:,} characters; the limit is {limit:,})."
+            return json_error(413, message)
         return text
 
     def incoming(self, user_id: str, text: str) -> Incoming:
@@ -156,12 +152,43 @@ class WebChannel:
             message_id=secrets.token_hex(8),
         )
 
+    async def _with_heartbeats(self, replies: AsyncIterator[Reply]) -> AsyncIterator[Reply | None]:
+        """The replies, with a None whenever none came for `heartbeat_s` seconds."""
+        iterator = aiter(replies)
+        step: asyncio.Future[Reply] | None = None
+        try:
+            while True:
+                step = step or asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({step}, timeout=self.heartbeat_s)
+                if not done:
+                    yield None
+                    continue
+                try:
+                    reply = step.result()
+                except StopAsyncIteration:
+                    step = None
+                    return
+                step = None
+                yield reply
+        finally:
+            if step is not None:
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
     # -- routes --------------------------------------------------------------------
 
     async def create_session(self, request: web.Request) -> web.Response:
         wait = self.session_limiter.acquire(self.client_address(request))
         if wait is not None:
-            return json_error(429, "too many new sessions from this address", retry_after=wait)
+            return json_error(
+                429,
+                f"Too many new chats from your address. Please wait {wait:.0f} s and try again.",
+                retry_after=wait,
+            )
         token = secrets.token_urlsafe(32)
         user_id = "w" + secrets.token_hex(12)
         await self.store.create_web_session(token_hash(token), user_id)
@@ -170,27 +197,48 @@ class WebChannel:
     async def post_message(self, request: web.Request) -> web.StreamResponse:
         user_id = await self._session_user(request)
         if user_id is None:
-            return json_error(401, "missing or unknown session; create one with POST /api/sessions")
+            return json_error(401, _NO_SESSION)
         text = await self._read_text(request)
         if isinstance(text, web.Response):
             return text
-        replies: list[dict[str, Any]] = []
-        async for reply in self.handle(self.incoming(user_id, text)):
-            if isinstance(reply, Notice):
-                status = _STATUS_FOR_NOTICE.get(reply.kind)
-                if status is not None:
-                    return json_error(status, reply.text, retry_after=reply.retry_after)
-                if reply.kind in _EPHEMERAL:
+        replies = self.handle(self.incoming(user_id, text))
+        if wants_event_stream(request):
+            return await self._stream(request, replies)
+        lasting: list[dict[str, Any]] = []
+        async with contextlib.aclosing(replies):
+            async for reply in replies:
+                event, payload = reply_event(reply, self.media_base)
+                if event == "error":
+                    return error_response(payload)
+                if event in LASTING:
+                    lasting.append(payload)
+        return web.json_response({"replies": lasting})
+
+    async def _stream(
+        self, request: web.Request, replies: AsyncIterator[Reply]
+    ) -> web.StreamResponse:
+        """Send each reply as an event; an error before the first event is a
+        plain HTTP error, later ones are `error` events. Ends with `done`."""
+        stream = EventStream(request)
+        lasting: list[dict[str, Any]] = []
+        async with contextlib.aclosing(self._with_heartbeats(replies)) as events:
+            async for reply in events:
+                if reply is None:
+                    await stream.comment("keep-alive")
                     continue
-                replies.append(reply_json(reply))
-            elif isinstance(reply, Text) and reply.final or isinstance(reply, Image):
-                replies.append(reply_json(reply))
-        return web.json_response({"replies": replies})
+                event, payload = reply_event(reply, self.media_base)
+                if event == "error" and not stream.started:
+                    return error_response(payload)
+                if event in LASTING:
+                    lasting.append(payload)
+                await stream.send(event, payload)
+        await stream.send("done", {"replies": lasting})
+        return await stream.finish()
 
     async def get_messages(self, request: web.Request) -> web.Response:
         user_id = await self._session_user(request)
         if user_id is None:
-            return json_error(401, "missing or unknown session; create one with POST /api/sessions")
+            return json_error(401, _NO_SESSION)
         history = await self.store.active_history(PLATFORM, user_id, user_id, limit=500)
         return web.json_response({"messages": [message.as_dict() for message in history]})
 
@@ -207,10 +255,16 @@ class WebChannel:
         return web.json_response({"status": "ok"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def media(self, request: web.Request) -> web.StreamResponse:
         path = await self.store.draw_image_path(request.match_info["draw_id"])
-        if path is None or not Path(path).is_file():
+        if path is None or not await asyncio.to_thread(Path(path).is_file):
             return json_error(404, "no such picture")
         return web.FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})
+
+    async def static(self, request: web.Request) -> web.StreamResponse:
+        name, cache = STATIC_FILES[request.path]
+        return web.FileResponse(STATIC_DIR / name, headers={"Cache-Control": cache})
