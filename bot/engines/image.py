@@ -1,0 +1,482 @@
+"""The image engine: a diffusers text-to-image pipeline owned by one worker thread.
+
+`AutoPipelineForText2Image.from_pretrained([draw] model)` loads a local
+directory or a hub id (a cached hub model is used without touching the
+network), on CUDA in fp16 when there is a GPU, else on the CPU in fp32. The
+pipeline is loaded once, by the worker thread, on the first job or at start.
+
+Jobs wait in a bounded FIFO. The worker takes one at a time and reports back
+to the event loop with `call_soon_threadsafe`: the job's queue position as the
+line moves, "loading", "started", each finished step, then the PNG or a
+failure. A cancelled job is dropped from the line, or stopped at the next step
+if it is running. Out-of-memory, a model that can't be loaded, an NSFW flag
+and any other error end only that job; the worker goes on with the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import inspect
+import io
+import logging
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.config import DrawSection
+from bot.draw_options import DrawSettings
+from bot.engines import EngineUnavailable
+from bot.engines.loading import looks_local
+
+log = logging.getLogger(__name__)
+
+# Event kinds a job receives (see `DrawJob.events`).
+POSITION, LOADING, STARTED, PROGRESS, DONE, FAILED = (
+    "position",
+    "loading",
+    "started",
+    "progress",
+    "done",
+    "failed",
+)
+# Failure kinds (the payload of a FAILED event is a `DrawFailure`).
+OOM, MODEL, NSFW, CANCELLED, SHUTDOWN, ERROR = (
+    "oom",
+    "model",
+    "nsfw",
+    "cancelled",
+    "shutdown",
+    "error",
+)
+
+
+class ImageEngineUnavailable(EngineUnavailable):
+    """The pipeline can't be loaded; the message names `draw.model` (or the key to fix)."""
+
+
+class QueueFull(Exception):
+    """`[draw] max_queue` jobs are already waiting."""
+
+
+class _Interrupted(Exception):
+    """Raised from the step callback to stop a cancelled job."""
+
+
+@dataclass(frozen=True, slots=True)
+class DrawFailure:
+    kind: str
+    message: str = ""
+
+
+@dataclass(eq=False)
+class DrawJob:
+    """One picture to draw. The worker puts `(kind, payload)` tuples on
+    `events`, on the loop that created the job."""
+
+    id: str
+    owner: Hashable
+    settings: DrawSettings
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def post(self, kind: str, payload: Any = None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+def model_missing_message(name: str) -> str:
+    if looks_local(name):
+        return (
+            f"draw.model {name!r} does not exist: set draw.model to a diffusers model directory "
+            f"or a Hugging Face hub id (`python -m bot.tiny_diffusion DIR` builds a tiny test one)"
+        )
+    return (
+        f"draw.model {name!r} could not be loaded from the Hugging Face hub (no network?): "
+        f"download it once with a network, or set draw.model to a local diffusers directory"
+    )
+
+
+def resolve_draw_device(choice: str) -> Any:
+    import torch
+
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ImageEngineUnavailable("draw.device is 'cuda' but no CUDA GPU is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_pipeline(section: DrawSection) -> tuple[Any, Any]:
+    """(pipeline, device) for `[draw]`, ready to call; `ImageEngineUnavailable` if not."""
+    try:
+        import torch
+        from diffusers import AutoPipelineForText2Image
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+    except ImportError as exc:
+        raise ImageEngineUnavailable(
+            f"drawing needs torch, diffusers and transformers installed ({exc})"
+        ) from exc
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    name = section.model
+    local = looks_local(name)
+    if local and not Path(name).expanduser().is_dir():
+        raise ImageEngineUnavailable(model_missing_message(name))
+    device = resolve_draw_device(section.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipeline = None
+    attempts = [True] if local else [True, False]  # a hub id: the cache first, then the network
+    for local_only in attempts:
+        try:
+            with warnings.catch_warnings():
+                # Newer diffusers call it `dtype`; `torch_dtype` works in every version.
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                pipeline = AutoPipelineForText2Image.from_pretrained(
+                    str(Path(name).expanduser()) if local else name,
+                    torch_dtype=dtype,
+                    local_files_only=local_only,
+                )
+            break
+        except Exception as exc:
+            log.debug(
+                "loading draw.model %s (local_files_only=%s) failed",
+                name,
+                local_only,
+                exc_info=True,
+            )
+            if local:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ImageEngineUnavailable(
+                    f"draw.model {name!r} is not a loadable diffusers text-to-image model: {first}"
+                ) from exc
+            if not local_only:
+                raise ImageEngineUnavailable(model_missing_message(name)) from exc
+    assert pipeline is not None
+    pipeline.set_progress_bar_config(disable=True)
+    if section.attention_slicing:
+        pipeline.enable_attention_slicing()
+    if section.cpu_offload and device.type == "cuda":
+        try:
+            pipeline.enable_model_cpu_offload()
+        except ImportError as exc:
+            raise ImageEngineUnavailable(
+                "draw.cpu_offload needs the accelerate package: pip install accelerate"
+            ) from exc
+    else:
+        if section.cpu_offload:
+            log.warning("draw.cpu_offload is ignored on the CPU")
+        pipeline.to(device)
+    return pipeline, device
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def encode_png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# -- the engine --------------------------------------------------------------------
+
+
+class ImageEngine:
+    """The bounded job queue and the worker thread that owns the pipeline.
+
+    `submit`, `cancel` and the properties may be called from the event loop;
+    they hold a lock only for a few list operations."""
+
+    def __init__(
+        self,
+        section: DrawSection,
+        *,
+        metrics: Any = None,
+        loader: Callable[[DrawSection], tuple[Any, Any]] = load_pipeline,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.section = section
+        self.metrics = metrics
+        self._loader = loader
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._waiting: deque[DrawJob] = deque()
+        self._running: DrawJob | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._load_requested = False
+        self.pipeline: Any = None
+        self.device: Any = None
+        self._load_error: str | None = None
+        self._load_failed_at: float | None = None
+        self.drawn = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self, *, load_now: bool = False) -> None:
+        """Start the worker; with `load_now` it loads the pipeline right away
+        (in the background: the bot keeps starting and chatting meanwhile)."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._load_requested = load_now
+        self._thread = threading.Thread(target=self._worker, name="image-engine", daemon=True)
+        self._thread.start()
+
+    async def close(self, join_s: float = 10.0) -> None:
+        """Stop: waiting jobs fail with SHUTDOWN, a running one stops at its next step."""
+        with self._cond:
+            self._stopping = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cond.notify_all()
+        for job in dropped:
+            job.cancelled.set()
+            job.post(FAILED, DrawFailure(SHUTDOWN))
+        self._observe()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, join_s)
+            if thread.is_alive():
+                log.warning("the image worker is still busy (loading?); it ends with the process")
+        self.pipeline = None
+
+    @property
+    def closing(self) -> bool:
+        return self._stopping
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipeline is not None
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return self._running is not None or bool(self._waiting)
+
+    @property
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def load_error(self) -> str | None:
+        """Why the pipeline could not be loaded, while `retry_load_after_s` has not passed."""
+        if self._load_error is None or self._load_failed_at is None:
+            return None
+        if self._clock() - self._load_failed_at >= self.section.retry_load_after_s:
+            return None
+        return self._load_error
+
+    # -- jobs ------------------------------------------------------------------
+
+    def submit(self, job: DrawJob) -> int:
+        """Queue a job; returns its place in line (1 = next). `QueueFull` when
+        `max_queue` jobs are already waiting."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the image engine is stopping")
+            if len(self._waiting) >= self.section.max_queue:
+                raise QueueFull(f"{len(self._waiting)} drawings are waiting")
+            self._waiting.append(job)
+            position = len(self._waiting)
+            self._cond.notify_all()
+        self._observe()
+        return position
+
+    def cancel(self, owner: Hashable) -> list[DrawJob]:
+        """Drop the owner's waiting jobs and stop their running one at its next step."""
+        with self._cond:
+            dropped = [job for job in self._waiting if job.owner == owner]
+            running = self._running
+        stopped = (
+            []
+            if running is None or running.owner != owner or running.cancelled.is_set()
+            else [running]
+        )
+        for job in dropped:
+            self.cancel_job(job)
+        for job in stopped:
+            job.cancelled.set()
+        return dropped + stopped
+
+    def cancel_job(self, job: DrawJob) -> bool:
+        """Cancel one job; True if it was waiting or running and not already cancelled."""
+        if job.cancelled.is_set():
+            return False
+        with self._cond:
+            job.cancelled.set()
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return job is self._running
+            moved = list(self._waiting)
+        job.post(FAILED, DrawFailure(CANCELLED))
+        self._announce(moved)
+        self._observe()
+        return True
+
+    def _announce(self, waiting: list[DrawJob]) -> None:
+        for position, job in enumerate(waiting, start=1):
+            job.post(POSITION, position)
+
+    def _observe(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels("image").set(len(self._waiting))
+
+    # -- worker thread -----------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping and not self._load_requested:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._waiting.popleft() if self._waiting else None
+                self._running = job
+                self._load_requested = False
+                moved = list(self._waiting)
+            self._announce(moved)
+            self._observe()
+            try:
+                if job is None:
+                    with contextlib.suppress(ImageEngineUnavailable):
+                        self._ensure_pipeline(None)
+                elif job.cancelled.is_set():
+                    job.post(FAILED, DrawFailure(CANCELLED))
+                else:
+                    self._run(job)
+            except BaseException:  # never let the worker die
+                log.exception("the image worker failed")
+                if job is not None:
+                    job.post(FAILED, DrawFailure(ERROR))
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _ensure_pipeline(self, job: DrawJob | None) -> Any:
+        if self.pipeline is not None:
+            return self.pipeline
+        error = self.load_error()
+        if error is not None:
+            raise ImageEngineUnavailable(error)
+        if job is not None:
+            job.post(LOADING)
+        started = time.monotonic()
+        try:
+            self.pipeline, self.device = self._loader(self.section)
+        except ImageEngineUnavailable as exc:
+            self._load_error, self._load_failed_at = str(exc), self._clock()
+            log.warning("drawing is unavailable: %s", exc)
+            raise
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._load_error = f"draw.model {self.section.model!r} could not be loaded: {first}"
+            self._load_failed_at = self._clock()
+            log.warning("drawing is unavailable: %s", self._load_error, exc_info=True)
+            raise ImageEngineUnavailable(self._load_error) from exc
+        self._load_error = self._load_failed_at = None
+        log.info(
+            "image model %s loaded on %s in %.1f s",
+            self.section.model,
+            self.device,
+            time.monotonic() - started,
+        )
+        return self.pipeline
+
+    def _run(self, job: DrawJob) -> None:
+        try:
+            pipeline = self._ensure_pipeline(job)
+            if job.cancelled.is_set():
+                raise _Interrupted
+            job.post(STARTED, job.settings.steps)
+            png, flagged = self._generate(pipeline, job)
+        except _Interrupted:
+            job.post(FAILED, DrawFailure(SHUTDOWN if self._stopping else CANCELLED))
+            return
+        except ImageEngineUnavailable as exc:
+            job.post(FAILED, DrawFailure(MODEL, str(exc)))
+            return
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                log.warning(
+                    "out of memory drawing %dx%d, %d steps",
+                    job.settings.width,
+                    job.settings.height,
+                    job.settings.steps,
+                )
+                self._free_memory()
+                job.post(FAILED, DrawFailure(OOM))
+            else:
+                log.exception("drawing failed")
+                job.post(FAILED, DrawFailure(ERROR, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+            return
+        if flagged:
+            job.post(FAILED, DrawFailure(NSFW))
+            return
+        self.drawn += 1
+        job.post(DONE, png)
+
+    def _generate(self, pipeline: Any, job: DrawJob) -> tuple[bytes, bool]:
+        import torch
+
+        settings = job.settings
+        device = self.device if self.device is not None else torch.device("cpu")
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
+        total = settings.steps
+
+        def on_step_end(
+            _pipeline: Any, step: int, _timestep: Any, _tensors: dict[str, Any]
+        ) -> dict[str, Any]:
+            if job.cancelled.is_set() or self._stopping:
+                raise _Interrupted
+            job.post(PROGRESS, (step + 1, total))
+            return {}
+
+        accepted = inspect.signature(pipeline.__call__).parameters
+        arguments: dict[str, Any] = {
+            "prompt": settings.prompt,
+            "num_inference_steps": settings.steps,
+            "width": settings.width,
+            "height": settings.height,
+            "guidance_scale": settings.guidance,
+            "generator": generator,
+        }
+        if settings.negative and "negative_prompt" in accepted:
+            arguments["negative_prompt"] = settings.negative
+        if "callback_on_step_end" in accepted:
+            arguments["callback_on_step_end"] = on_step_end
+        output = pipeline(**arguments)
+        flags = getattr(output, "nsfw_content_detected", None)
+        flagged = bool(flags and flags[0])
+        if job.cancelled.is_set():
+            raise _Interrupted
+        return (b"" if flagged else encode_png(output.images[0])), flagged
+
+    def _free_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
