@@ -22,6 +22,10 @@ def _model_architecture(model: str) -> str | None:
     return str(json.loads(config_file.read_text()).get("architectures", ["?"])[0])
 
 
+def _model_index(model: str) -> bool:
+    return (Path(model).expanduser() / "model_index.json").is_file()
+
+
 def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
@@ -66,6 +70,32 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
         print(
             _line(
                 None, "text model", f"hub id {model!r}: downloaded on first start (needs network)"
+            )
+        )
+
+    draw = config.draw
+    if not draw.enabled:
+        print(_line(None, "draw model", "off ([draw] enabled = false)"))
+    elif looks_local(draw.model):
+        present = _model_index(draw.model)
+        print(
+            _line(
+                True if present else False,
+                "draw model",
+                f"{draw.model}"
+                + (
+                    ""
+                    if present
+                    else ": no model_index.json there (a diffusers directory is expected); /draw will answer that it is unavailable"
+                ),
+            )
+        )
+    else:
+        print(
+            _line(
+                None,
+                "draw model",
+                f"hub id {draw.model!r}: downloaded on the first /draw (needs network)",
             )
         )
 

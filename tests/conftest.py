@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from bot.config import Config, load_config
 from bot.tiny_models import build_tiny_gpt2
+
+# Tiny models on a small shared CPU run many times faster on one thread than
+# with threads fighting over the cores; subprocesses get the same through env.
+torch.set_num_threads(1)
+SUBPROCESS_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 PG_ADMIN_DSN = os.environ.get("AIGC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -149,6 +155,7 @@ def bot_env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, str]:
             "AIGC_BOT__TELEGRAM__ENABLED": "false",
             "AIGC_BOT__DISCORD__ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
+            **SUBPROCESS_THREADS,
         }
     )
     return env
