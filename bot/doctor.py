@@ -77,19 +77,12 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
     if not draw.enabled:
         print(_line(None, "draw model", "off ([draw] enabled = false)"))
     elif looks_local(draw.model):
-        present = _model_index(draw.model)
-        print(
-            _line(
-                True if present else False,
-                "draw model",
-                f"{draw.model}"
-                + (
-                    ""
-                    if present
-                    else ": no model_index.json there (a diffusers directory is expected); /draw will answer that it is unavailable"
-                ),
-            )
-        )
+        if _model_index(draw.model):
+            print(_line(True, "draw model", draw.model))
+        else:
+            failures += 1
+            detail = "no model_index.json there (a diffusers directory is expected)"
+            print(_line(False, "draw model", f"draw.model {draw.model!r}: {detail}"))
     else:
         print(
             _line(
