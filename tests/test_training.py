@@ -252,3 +252,21 @@ def test_the_chitchat_corpus_alternates_speakers() -> None:
     dialogues = data_mod.load_chitchat()
     assert 3500 < len(dialogues) < 4500  # single-speaker conversations dropped
     assert all(len(turns) >= 2 and all(t and t == t.strip() for t in turns) for turns in dialogues)
+
+
+def test_the_train_command_end_to_end(
+    tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.engines.loading import load_causal_lm
+
+    out = tmp_path / "cli-model"
+    flags = ["--vocab-size", "320", "--block-size", "64", "--n-layer", "1", "--n-embd", "32"]
+    flags += ["--n-head", "2", "--batch-tokens", "512", "--threads", "1", "--no-progress"]
+    command = ["train", "--data", str(corpus), "--output", str(out), *flags]
+    assert main([*command, "--max-steps", "4"]) == 0
+    assert "after 4 steps" in capsys.readouterr().out
+    load_causal_lm(TextSection(model=str(out), device="cpu"))
+    # the same command with a larger budget continues from the saved checkpoint
+    assert main([*command, "--max-steps", "6"]) == 0
+    captured = capsys.readouterr()
+    assert "resumed at step 4" in captured.err and "after 6 steps" in captured.out

@@ -78,11 +78,21 @@ class TrainResult:
 
 
 def train(options: TrainOptions, log: Any = None) -> TrainResult:
+    """Train per `options`; `log` gets one-line status messages (default: stderr)."""
     import torch
 
-    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
+    try:
+        return _train(options, log or (lambda message: print(message, file=sys.stderr, flush=True)))
+    finally:
+        torch.set_num_threads(threads)  # the setting is process-wide
+
+
+def _train(options: TrainOptions, say: Any) -> TrainResult:
+    import torch
+
     if options.loss_on not in ("all", "bot"):
         raise EngineUnavailable(f"--loss-on must be 'all' or 'bot', not {options.loss_on!r}")
     from bot.engines.loading import resolve_device
@@ -112,7 +122,7 @@ def train(options: TrainOptions, log: Any = None) -> TrainResult:
         if options.base:
             model, tokenizer = _load_pretrained(options.base, "--base")
         else:
-            tokenizer = data_mod_tokenizer(train_dialogues, options)
+            tokenizer = _train_tokenizer(train_dialogues, options)
             model = _new_model(tokenizer, options)
     block_size = min(options.block_size, _positions(model))
     model.to(device)
@@ -323,7 +333,7 @@ def _sigterm_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
-def data_mod_tokenizer(dialogues: list[list[str]], options: TrainOptions) -> Any:
+def _train_tokenizer(dialogues: list[list[str]], options: TrainOptions) -> Any:
     from bot.training.tokenizer import train_tokenizer
 
     return train_tokenizer(dialogues, options.vocab_size, options.block_size)
