@@ -375,6 +375,12 @@ def _load_pretrained(name: str, what: str) -> tuple[Any, Any]:
         raise EngineUnavailable(
             f"{what} {name!r} does not exist: pass a model directory or a hub id"
         )
+    unreachable = EngineUnavailable(
+        f"{what} {name!r} could not be loaded from the Hugging Face hub (no network?): "
+        f"pass {what} a local model directory"
+    )
+    if not local and not _in_hub_cache(name) and not _hub_reachable():
+        raise unreachable
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local)
@@ -383,15 +389,39 @@ def _load_pretrained(name: str, what: str) -> tuple[Any, Any]:
             raise EngineUnavailable(
                 f"{what} {name!r} is not a loadable model: {str(exc).splitlines()[0]}"
             ) from None
-        raise EngineUnavailable(
-            f"{what} {name!r} could not be loaded from the Hugging Face hub (no network?): "
-            f"pass {what} a local model directory"
-        ) from None
+        raise unreachable from None
     if tokenizer.eos_token_id is None:
         raise EngineUnavailable(f"{what} {name!r}: its tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # a malformed id and the like: let from_pretrained explain
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine gets the error at once
+    instead of after a minute of HTTP retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _positions(model: Any) -> int:
