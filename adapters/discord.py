@@ -35,8 +35,8 @@ from adapters.discord_commands import build_command_tree
 from adapters.discord_render import NO_MENTIONS, InteractionTarget, MessageTarget, render
 from adapters.discord_routing import Endpoints, RebasedWebhookAdapter, route_http
 from bot.app import StartupError
-from bot.channels import Services
-from bot.config import DiscordSection, read_secret
+from bot.channels import Services, platform_token
+from bot.config import DiscordSection
 from bot.messages import Incoming
 
 log = logging.getLogger(__name__)
@@ -130,16 +130,8 @@ class DiscordChannel:
     @classmethod
     def create(cls, services: Services) -> DiscordChannel | None:
         settings = services.config.discord
-        if not settings.enabled:
-            log.info("discord channel is off: [discord] enabled = false")
-            return None
-        token = read_secret(settings.token_env)
-        if token is None:
-            log.info(
-                "discord channel is off: $%s is not set ([discord] token_env)", settings.token_env
-            )
-            return None
-        return cls(services, token.get_secret_value())
+        token = platform_token("discord", settings.enabled, settings.token_env)
+        return None if token is None else cls(services, token)
 
     # -- lifetime ----------------------------------------------------------------
 

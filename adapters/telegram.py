@@ -38,7 +38,7 @@ from telegram.ext import Application, ContextTypes, TypeHandler
 
 from adapters.telegram_outbound import Destination, PacedRateLimiter, ReplyOrder, ReplyWriter, Turn
 from bot.app import StartupError
-from bot.channels import Handler, Services
+from bot.channels import Handler, Services, platform_token
 from bot.commands import COMMANDS, parse_command
 from bot.config import Config, read_secret
 from bot.logging_setup import register_secret
@@ -106,15 +106,8 @@ class TelegramChannel:
     @classmethod
     def create(cls, services: Services) -> TelegramChannel | None:
         section = services.config.telegram
-        if not section.enabled:
-            log.info("telegram channel is off: [telegram] enabled = false")
-            return None
-        token = read_secret(section.token_env)
+        token = platform_token("telegram", section.enabled, section.token_env)
         if token is None:
-            log.info(
-                "telegram channel is off: the env var %s (telegram.token_env) is not set",
-                section.token_env,
-            )
             return None
         if section.mode == "webhook" and not section.webhook_url:
             raise StartupError('telegram.webhook_url is required when telegram.mode = "webhook"')
@@ -122,7 +115,7 @@ class TelegramChannel:
         httpx_logger = logging.getLogger("httpx")
         if httpx_logger.getEffectiveLevel() < logging.WARNING:
             httpx_logger.setLevel(logging.WARNING)
-        return cls(services, token.get_secret_value())
+        return cls(services, token)
 
     @property
     def allowed_updates(self) -> list[str]:

@@ -49,6 +49,25 @@ class Channel(Protocol):
     async def stop(self) -> None: ...
 
 
+def platform_token(section: str, enabled: bool, token_env: str) -> str | None:
+    """The token of a platform channel, or None after logging why the channel is off."""
+    from bot.config import read_secret
+
+    if not enabled:
+        log.info("%s channel is off: [%s] enabled = false", section, section)
+        return None
+    token = read_secret(token_env)
+    if token is None:
+        log.info(
+            "%s channel is off: the env var %s ([%s] token_env) is not set",
+            section,
+            token_env,
+            section,
+        )
+        return None
+    return token.get_secret_value()
+
+
 def channel_classes() -> dict[str, type[Channel]]:
     """Every installed channel, by entry-point name."""
     found: dict[str, type[Channel]] = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -107,6 +107,20 @@ def _stored(row: Message) -> StoredMessage:
     return StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at)
 
 
+def _active(query: Select[Any], platform: str, chat_id: str, owner: str) -> Select[Any]:
+    """Narrow a query to a conversation key's active (newest open) thread."""
+    return (
+        query.where(
+            Conversation.platform == platform,
+            Conversation.chat_id == chat_id,
+            Conversation.owner == owner,
+            Conversation.active.is_(True),
+        )
+        .order_by(Conversation.id.desc())
+        .limit(1)
+    )
+
+
 _turn_order = func.coalesce(Message.reply_to_id, Message.id)
 
 
@@ -145,17 +159,7 @@ class Store:
     async def _active_conversation(
         self, session: AsyncSession, platform: str, chat_id: str, owner: str
     ) -> Conversation:
-        conversation = await session.scalar(
-            select(Conversation)
-            .where(
-                Conversation.platform == platform,
-                Conversation.chat_id == chat_id,
-                Conversation.owner == owner,
-                Conversation.active.is_(True),
-            )
-            .order_by(Conversation.id.desc())
-            .limit(1)
-        )
+        conversation = await session.scalar(_active(select(Conversation), platform, chat_id, owner))
         if conversation is None:
             conversation = Conversation(platform=platform, chat_id=chat_id, owner=owner)
             session.add(conversation)
@@ -265,15 +269,7 @@ class Store:
     ) -> list[StoredMessage]:
         async with self._sessions() as session:
             conversation_id = await session.scalar(
-                select(Conversation.id)
-                .where(
-                    Conversation.platform == platform,
-                    Conversation.chat_id == chat_id,
-                    Conversation.owner == owner,
-                    Conversation.active.is_(True),
-                )
-                .order_by(Conversation.id.desc())
-                .limit(1)
+                _active(select(Conversation.id), platform, chat_id, owner)
             )
         if conversation_id is None:
             return []

@@ -405,7 +405,7 @@ async def test_startup_failures_are_one_clear_line(
     ("settings", "env", "why"),
     [
         ({"enabled": False}, TOKEN, "enabled = false"),
-        ({"enabled": True}, "", "$DISCORD_BOT_TOKEN is not set"),
+        ({"enabled": True}, "", "the env var DISCORD_BOT_TOKEN ([discord] token_env) is not set"),
     ],
 )
 async def test_discord_is_off_without_a_token_or_when_disabled(

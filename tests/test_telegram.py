@@ -459,7 +459,7 @@ def test_channel_is_off_without_token_or_when_disabled(
 ) -> None:
     monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
     assert TelegramChannel.create(_services(make_config(telegram={"enabled": True}))) is None
-    assert "the env var TELEGRAM_BOT_TOKEN (telegram.token_env) is not set" in logs.text
+    assert "the env var TELEGRAM_BOT_TOKEN ([telegram] token_env) is not set" in logs.text
     assert TelegramChannel.create(_services(make_config(telegram={"enabled": False}))) is None
     assert "[telegram] enabled = false" in logs.text
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", TOKEN)

@@ -33,7 +33,7 @@ from typing import Any
 from bot.config import DrawSection
 from bot.draw_options import DrawSettings
 from bot.engines import EngineUnavailable
-from bot.engines.loading import looks_local
+from bot.engines.loading import hub_reachable, looks_local, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,6 @@ def model_missing_message(name: str) -> str:
     )
 
 
-def resolve_draw_device(choice: str) -> Any:
-    import torch
-
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ImageEngineUnavailable("draw.device is 'cuda' but no CUDA GPU is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def load_pipeline(section: DrawSection) -> tuple[Any, Any]:
     """(pipeline, device) for `[draw]`, ready to call; `ImageEngineUnavailable` if not."""
     try:
@@ -135,11 +125,14 @@ def load_pipeline(section: DrawSection) -> tuple[Any, Any]:
     local = looks_local(name)
     if local and not Path(name).expanduser().is_dir():
         raise ImageEngineUnavailable(model_missing_message(name))
-    device = resolve_draw_device(section.device)
+    device = resolve_device(section.device, "draw.device", ImageEngineUnavailable)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipeline = None
     attempts = [True] if local else [True, False]  # a hub id: the cache first, then the network
     for local_only in attempts:
+        if not local_only and not hub_reachable():
+            # Fail in seconds, not after a minute of download retries.
+            raise ImageEngineUnavailable(model_missing_message(name))
         try:
             with warnings.catch_warnings():
                 # Newer diffusers call it `dtype`; `torch_dtype` works in every version.

@@ -19,12 +19,15 @@ from bot.engines import EngineUnavailable
 log = logging.getLogger(__name__)
 
 
-def resolve_device(choice: str) -> Any:
+def resolve_device(
+    choice: str, key: str = "text.device", error: type[EngineUnavailable] = EngineUnavailable
+) -> Any:
+    """CUDA for "cuda", or for "auto" when a GPU is there; else the CPU."""
     import torch
 
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise EngineUnavailable("text.device is 'cuda' but no CUDA GPU is available")
+            raise error(f"{key} is 'cuda' but no CUDA GPU is available")
         return torch.device("cuda")
     return torch.device("cpu")
 
