@@ -7,6 +7,7 @@ user "try again" instead of crashing.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -130,6 +131,20 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        # SQLite has one writer at a time. Queueing writes here, in arrival
+        # order, beats letting them race for the file lock: under load the
+        # losers would wait out the busy timeout and fail.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction (serialised on SQLite)."""
+        if self._write_lock is None:
+            async with self._sessions.begin() as session:
+                yield session
+            return
+        async with self._write_lock, self._sessions.begin() as session:
+            yield session
 
     @classmethod
     async def open(cls, url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) -> Store:
@@ -179,7 +194,7 @@ class Store:
         platform_message_id: str | None = None,
     ) -> StoredMessage:
         """Commit a user's message to the conversation's active thread."""
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             if self.dialect == "postgresql":
                 # Serialise get-or-create of the active conversation across processes.
                 await session.execute(
@@ -235,7 +250,7 @@ class Store:
     async def add_bot_message(
         self, *, reply_to: StoredMessage, platform: str, user_id: str, text: str
     ) -> StoredMessage:
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             row = Message(
                 conversation_id=reply_to.conversation_id,
                 platform=platform,
@@ -278,7 +293,7 @@ class Store:
     @_guarded
     async def reset(self, platform: str, chat_id: str, owner: str) -> bool:
         """Close the active thread; the next message starts a new one."""
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             result = await session.execute(
                 update(Conversation)
                 .where(
@@ -316,7 +331,7 @@ class Store:
     @_guarded
     async def forget_user(self, platform: str, user_id: str) -> ForgetResult:
         """Delete everything stored about one person; returns image files to remove."""
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             conversation_ids = set(
                 (
                     await session.scalars(
@@ -411,7 +426,7 @@ class Store:
 
     @_guarded
     async def create_web_session(self, token_hash: str, user_id: str) -> None:
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             session.add(WebSession(token_hash=token_hash, user_id=user_id))
 
     @_guarded
@@ -435,7 +450,7 @@ class Store:
         options: dict[str, Any],
         seed: int | None,
     ) -> None:
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             session.add(
                 Draw(
                     public_id=public_id,
@@ -469,7 +484,7 @@ class Store:
             values["seed"] = seed
         if options is not None:
             values["options"] = options
-        async with self._sessions.begin() as session:
+        async with self._write() as session:
             result = await session.execute(
                 update(Draw).where(Draw.public_id == public_id).values(**values)
             )

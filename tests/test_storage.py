@@ -196,3 +196,16 @@ async def test_two_processes_keep_one_conversation_in_order(postgres_url: str) -
     for position, prompt in enumerate(prompts):
         assert len(prompt) == 2 * position + 1
         assert [m.text for m in history[: 2 * position]] == prompt[:-1]
+
+
+async def test_sqlite_writers_queue_instead_of_timing_out(tmp_path: Path) -> None:
+    """Many writers at once on SQLite: none waits out the busy timeout and fails."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", busy_timeout_ms=1)
+    try:
+        results = await asyncio.gather(
+            *(_say(store, f"user{i % 8}", f"message {i}") for i in range(64)),
+            return_exceptions=True,
+        )
+    finally:
+        await store.close()
+    assert [r for r in results if isinstance(r, BaseException)] == []
