@@ -72,6 +72,8 @@ class TextSection(Section):
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.2
     greedy: bool = False
+    stream_interval_ms: Annotated[float, Field(ge=0)] = 150.0
+    threads: Annotated[int, Field(ge=0)] = 0
     max_batch_size: Annotated[int, Field(gt=0)] = 32
     batch_wait_ms: Annotated[float, Field(ge=0)] = 10.0
     kv_cache_mb: Annotated[int, Field(ge=0)] = 256

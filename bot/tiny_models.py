@@ -32,7 +32,11 @@ def build_tiny_gpt2(
     path.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
-        sample_lines(), vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"]
+        sample_lines(),
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,

@@ -128,7 +128,12 @@ def make_config(tmp_path: Path, tiny_model_dir: Path) -> Callable[..., Config]:
         data: dict[str, dict[str, Any]] = {
             "bot": {"data_dir": str(tmp_path / "data")},
             "storage": {"url": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"},
-            "text": {"model": str(tiny_model_dir), "max_new_tokens": 16, "batch_wait_ms": 5},
+            "text": {
+                "model": str(tiny_model_dir),
+                "max_new_tokens": 16,
+                "batch_wait_ms": 5,
+                "stream_interval_ms": 0,
+            },
             "draw": {"enabled": False},
             "web": {"port": 0},
             "telegram": {"enabled": False},

@@ -27,6 +27,7 @@ def text_config(tiny_model_dir: Path) -> Callable[..., TextSection]:
             "device": "cpu",
             "greedy": True,
             "max_new_tokens": 16,
+            "stream_interval_ms": 0,
         }
         settings.update(values)
         return TextSection(**settings)
@@ -279,3 +280,30 @@ async def test_cuda_requested_without_a_gpu_is_a_clear_error(
     engine = LocalTextEngine(text_config(device="cuda"))
     with pytest.raises(EngineUnavailable, match=r"text\.device is 'cuda'"):
         await engine.start()
+
+
+async def test_partial_texts_are_throttled(text_config: Callable[..., TextSection]) -> None:
+    running = LocalTextEngine(text_config(stream_interval_ms=60_000))
+    await running.start()
+    try:
+        parts = [part async for part in running.stream(["you love music a lot."])]
+    finally:
+        await running.close()
+    # The first partial goes out at once, then nothing until the final reply.
+    assert len(parts) <= 2 and parts[-1].final
+
+
+@pytest.mark.parametrize("settings", [{"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-4}])
+async def test_sampling_at_its_limits_is_greedy(
+    text_config: Callable[..., TextSection], settings: dict[str, Any]
+) -> None:
+    greedy = LocalTextEngine(text_config())
+    sampled = LocalTextEngine(text_config(greedy=False, **settings))
+    replies = []
+    for running in (greedy, sampled):
+        await running.start()
+        try:
+            replies.append([await running.generate([prompt]) for prompt in PROMPTS])
+        finally:
+            await running.close()
+    assert replies[0] == replies[1]

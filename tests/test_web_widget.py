@@ -218,7 +218,12 @@ def bot(
         {
             "bot": {"data_dir": str(root / "data")},
             "storage": {"url": f"sqlite+aiosqlite:///{root / 'bot.db'}"},
-            "text": {"model": str(tiny_model_dir), "max_new_tokens": 16, "greedy": True},
+            "text": {
+                "model": str(tiny_model_dir),
+                "max_new_tokens": 16,
+                "greedy": True,
+                "stream_interval_ms": 0,
+            },
             "draw": {"enabled": False},
             "limits": {"messages_per_minute": 2},
             "web": {"port": 0, "allowed_origins": [shop.allowed_origin]},

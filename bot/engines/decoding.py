@@ -16,6 +16,7 @@ Runs only on the engine's worker thread.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ class SamplingSettings:
     top_p: float
     repetition_penalty: float
     greedy: bool = False
+    #: Partial texts are sent at most this often per request (0: every token).
+    stream_interval_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -54,6 +57,7 @@ class _Row:
     tokens: list[int]  # the tokens at those positions
     next_position: int
     last_text: str = ""
+    last_emit: float = 0.0
 
 
 class BatchDecoder:
@@ -87,18 +91,17 @@ class BatchDecoder:
             logits = torch.where(seen, penalised, logits)
         if s.greedy:
             return logits.argmax(dim=-1)
-        logits = logits / s.temperature
-        if s.top_k and s.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, s.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Top-k first: top-p then works on k sorted candidates, not the whole
+        # vocabulary (a full sort per row costs more than the forward pass).
+        vocabulary = logits.shape[-1]
+        k = s.top_k if 0 < s.top_k < vocabulary else vocabulary
+        values, candidates = torch.topk(logits / s.temperature, k, dim=-1)
+        probabilities = values.softmax(dim=-1)
         if s.top_p < 1.0:
-            ordered, order = torch.sort(logits, descending=True, dim=-1)
-            cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-            drop = cumulative - ordered.softmax(dim=-1) > s.top_p
-            ordered = ordered.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
-        probabilities = logits.softmax(dim=-1)
-        return torch.multinomial(probabilities, num_samples=1).squeeze(-1)
+            before = probabilities.cumsum(dim=-1) - probabilities
+            probabilities = probabilities.masked_fill(before > s.top_p, 0.0)
+        choice = torch.multinomial(probabilities, num_samples=1)
+        return candidates.gather(-1, choice).squeeze(-1)
 
     # -- the batch -------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class BatchDecoder:
             position_ids=positions.to(device),
             past_key_values=past,
             use_cache=True,
+            logits_to_keep=1,
         )
         return rows, output.logits[:, -1, :], output.past_key_values, mask
 
@@ -169,6 +173,11 @@ class BatchDecoder:
         self.cache.store(row.request.cache_key, list(row.tokens), layers)
 
     def _emit(self, row: _Row, done: bool) -> None:
+        if not done:
+            now = time.monotonic()
+            if now - row.last_emit < self.settings.stream_interval_s:
+                return
+            row.last_emit = now
         text = self.tokenizer.decode(row.request.generated, skip_special_tokens=True)  # type: ignore[attr-defined]
         if done or (text != row.last_text and not text.endswith("\ufffd")):
             row.last_text = text

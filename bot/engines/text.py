@@ -157,6 +157,11 @@ class LocalTextEngine:
         from bot.engines.decoding import BatchDecoder, SamplingSettings
         from bot.engines.prefix_cache import PrefixCache
 
+        if self.config.threads:
+            import torch
+
+            torch.set_num_threads(self.config.threads)
+
         self.model, self.tokenizer, self.device = load_causal_lm(self.config)
         positions = getattr(self.model.config, "n_positions", None) or getattr(
             self.model.config, "max_position_embeddings", 1024
@@ -181,6 +186,7 @@ class LocalTextEngine:
                 top_p=c.top_p,
                 repetition_penalty=c.repetition_penalty,
                 greedy=c.greedy,
+                stream_interval_s=c.stream_interval_ms / 1000,
             ),
         )
         log.info("text model %s loaded on %s", Path(c.model).name or c.model, self.device)
