@@ -17,6 +17,7 @@ from bot.engines import EngineUnavailable
 from bot.engines.decoding import BatchDecoder
 from bot.engines.prompt import encode_dialogue, encode_turn
 from bot.engines.text import LocalTextEngine
+from bot.tiny_models import sample_lines
 
 
 @pytest.fixture
@@ -307,3 +308,41 @@ async def test_sampling_at_its_limits_is_greedy(
         finally:
             await running.close()
     assert replies[0] == replies[1]
+
+
+async def test_prefix_reuse_goes_on_after_history_outgrows_the_budget(
+    text_config: Callable[..., TextSection],
+) -> None:
+    running = LocalTextEngine(text_config(kv_cache_mb=32, max_history_tokens=60))
+    await running.start()
+    try:
+        await _conversation(running, 24, "long")
+        cache = running.prefix_cache
+        assert cache.hits >= 16  # most turns reuse, even though most were truncated
+    finally:
+        await running.close()
+
+
+def test_a_truncated_prompt_keeps_its_start_while_the_conversation_grows(
+    tiny_model_dir: Path,
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lines = sample_lines()
+    turns = [f"turn {i}: {lines[(i * 37) % len(lines)]}" for i in range(120)]
+
+    def start_changes(anchor_every: int) -> int:
+        starts = []
+        for end in range(41, 121, 2):  # a user turn, then the bot's, and so on
+            ids = encode_dialogue(tokenizer, turns[:end], 200, anchor_every=anchor_every)
+            assert len(ids) <= 200
+            starts.append(tokenizer.decode(ids).split(":")[0])
+        return sum(a != b for a, b in itertools.pairwise(starts))
+
+    # Without anchors the start moves with every turn; with them, in jumps.
+    assert start_changes(1) >= 35
+    assert start_changes(4) <= 0.6 * start_changes(1)
+    anchored = encode_dialogue(tokenizer, turns, 200)
+    plain = encode_dialogue(tokenizer, turns, 200, anchor_every=1)
+    assert len(plain) >= len(anchored) > 200 // 2  # the price: a little less context

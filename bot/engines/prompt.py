@@ -7,8 +7,12 @@ the bot's turn up to its own EOS.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
+
+#: On average, how many turns lie between two possible prompt starts.
+ANCHOR_EVERY = 4
 
 
 def encode_turn(tokenizer: Any, turn: str) -> list[int]:
@@ -16,21 +20,42 @@ def encode_turn(tokenizer: Any, turn: str) -> list[int]:
     return [*ids, tokenizer.eos_token_id]
 
 
-def encode_dialogue(tokenizer: Any, turns: Sequence[str], budget: int) -> list[int]:
+def is_anchor(turn: str, every: int) -> bool:
+    """About one turn in `every` is an anchor, decided by its content alone."""
+    return zlib.crc32(turn.encode("utf-8", "replace")) % every == 0
+
+
+def encode_dialogue(
+    tokenizer: Any, turns: Sequence[str], budget: int, *, anchor_every: int = ANCHOR_EVERY
+) -> list[int]:
     """Encode the newest turns that fit in `budget` tokens.
 
     Whole turns are dropped from the oldest; if the newest turn alone is too
     long, its last `budget` tokens are kept (the end of a message is what the
     reply answers).
+
+    Once history no longer fits, the prompt starts at the oldest *anchor* turn
+    that fits rather than at the oldest turn that fits. That start stays put
+    while the conversation grows (until it no longer fits), so the next turns'
+    prompts share their beginning and the engine can reuse its cached keys and
+    values, instead of every turn shifting the window and recomputing it all.
+    Anchors are chosen by content (a checksum, as in rsync's chunking), so the
+    choice does not depend on how much history the caller loaded.
     """
-    kept: list[list[int]] = []
+    kept: list[tuple[str, list[int]]] = []
     used = 0
     for turn in reversed(turns):
         ids = encode_turn(tokenizer, turn)
         if used + len(ids) > budget:
             if not kept:
-                kept.append(ids[-budget:])
+                return ids[-budget:]
             break
-        kept.append(ids)
+        kept.append((turn, ids))
         used += len(ids)
-    return [token for ids in reversed(kept) for token in ids]
+    kept.reverse()
+    if len(kept) < len(turns) and anchor_every > 1:
+        for index, (turn, _) in enumerate(kept[:-1]):
+            if is_anchor(turn, anchor_every):
+                kept = kept[index:]
+                break
+    return [token for _, ids in kept for token in ids]
