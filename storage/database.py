@@ -29,6 +29,9 @@ def create_engine(url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) 
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
+        # Transactions always end in commit or rollback here, so the extra
+        # rollback on returning a connection to the pool is a wasted round trip.
+        kwargs["pool_reset_on_return"] = None
     else:
         # Each conversation that is generating holds one connection for its
         # advisory lock (see Store.conversation_lock), so allow plenty.

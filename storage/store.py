@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy import text as sql
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -171,15 +173,45 @@ class Store:
 
     # -- messages ---------------------------------------------------------------
 
+    # The message path runs for every message, so it uses Core statements
+    # (no ORM objects) and as few round trips as it can.
+
     async def _active_conversation(
         self, session: AsyncSession, platform: str, chat_id: str, owner: str
-    ) -> Conversation:
-        conversation = await session.scalar(_active(select(Conversation), platform, chat_id, owner))
-        if conversation is None:
-            conversation = Conversation(platform=platform, chat_id=chat_id, owner=owner)
-            session.add(conversation)
-            await session.flush()
-        return conversation
+    ) -> int:
+        found = await session.scalar(_active(select(Conversation.id), platform, chat_id, owner))
+        if found is not None:
+            return found
+        result = await session.execute(
+            insert(Conversation).values(
+                platform=platform, chat_id=chat_id, owner=owner, active=True, started_at=utcnow()
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+    def _upsert_user(self, platform: str, user_id: str, user_name: str) -> Any:
+        """Create the user, or update their display name if it changed."""
+        dialect_insert = postgresql_insert if self.dialect == "postgresql" else sqlite_insert
+        statement = dialect_insert(User).values(
+            platform=platform, user_id=user_id, user_name=user_name, created_at=utcnow()
+        )
+        return statement.on_conflict_do_update(
+            index_elements=[User.platform, User.user_id],
+            set_={"user_name": statement.excluded.user_name},
+            where=(User.user_name != statement.excluded.user_name)
+            & (statement.excluded.user_name != ""),
+        )
+
+    async def _insert_message(self, session: AsyncSession, **values: Any) -> StoredMessage:
+        now = utcnow()
+        result = await session.execute(insert(Message).values(created_at=now, **values))
+        return StoredMessage(
+            int(result.inserted_primary_key[0]),
+            values["conversation_id"],
+            values["role"],
+            values["text"],
+            now,
+        )
 
     @_guarded
     async def add_user_message(
@@ -201,25 +233,18 @@ class Store:
                     sql("SELECT pg_advisory_xact_lock(:key)"),
                     {"key": lock_key(platform, chat_id, owner)},
                 )
-            user = await session.scalar(
-                select(User).where(User.platform == platform, User.user_id == user_id)
-            )
-            if user is None:
-                session.add(User(platform=platform, user_id=user_id, user_name=user_name))
-            elif user_name and user.user_name != user_name:
-                user.user_name = user_name
-            conversation = await self._active_conversation(session, platform, chat_id, owner)
-            row = Message(
-                conversation_id=conversation.id,
+            await session.execute(self._upsert_user(platform, user_id, user_name))
+            conversation_id = await self._active_conversation(session, platform, chat_id, owner)
+            return await self._insert_message(
+                session,
+                conversation_id=conversation_id,
                 platform=platform,
                 user_id=user_id,
                 role="user",
                 text=text,
                 platform_message_id=platform_message_id,
+                reply_to_id=None,
             )
-            session.add(row)
-            await session.flush()
-            return _stored(row)
 
     @asynccontextmanager
     async def conversation_lock(
@@ -251,17 +276,16 @@ class Store:
         self, *, reply_to: StoredMessage, platform: str, user_id: str, text: str
     ) -> StoredMessage:
         async with self._write() as session:
-            row = Message(
+            return await self._insert_message(
+                session,
                 conversation_id=reply_to.conversation_id,
                 platform=platform,
                 user_id=user_id,
                 role="bot",
                 text=text,
                 reply_to_id=reply_to.id,
+                platform_message_id=None,
             )
-            session.add(row)
-            await session.flush()
-            return _stored(row)
 
     @_guarded
     async def history(
@@ -270,13 +294,15 @@ class Store:
         """The newest `limit` messages of a thread in turn order (each reply
         right after the message it answers), oldest first, all anchored before
         `before_id` when given."""
-        query = select(Message).where(Message.conversation_id == conversation_id)
+        query = select(
+            Message.id, Message.conversation_id, Message.role, Message.text, Message.created_at
+        ).where(Message.conversation_id == conversation_id)
         if before_id is not None:
             query = query.where(_turn_order < before_id)
         query = query.order_by(_turn_order.desc(), Message.id.desc()).limit(limit)
         async with self._sessions() as session:
-            rows = (await session.scalars(query)).all()
-        return [_stored(row) for row in reversed(rows)]
+            rows = (await session.execute(query)).all()
+        return [StoredMessage(*row) for row in reversed(rows)]
 
     @_guarded
     async def active_history(
