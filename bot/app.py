@@ -62,10 +62,8 @@ class BotApp:
     async def _start_drawer(self) -> Any:
         if not self.config.draw.enabled:
             return None
-        try:
-            from bot.drawing import DrawService
-        except ImportError:
-            return None
+        from bot.drawing import DrawService
+
         assert self.store is not None
         drawer = DrawService(self.config, self.store, metrics=self.metrics)
         await drawer.start()
