@@ -9,7 +9,9 @@ token) at INFO, so it is kept at WARNING as well.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
+from typing import Any
 
 _secrets: set[str] = set()
 _lock = threading.Lock()
@@ -44,9 +46,25 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is now, not the one at set-up (which a
+    test runner or an embedding program may have replaced and closed since)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
-    handler = logging.StreamHandler()
+    handler = CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root.handlers[:] = [handler]

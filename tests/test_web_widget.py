@@ -17,7 +17,7 @@ import html
 import os
 import threading
 import warnings
-from collections.abc import Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ from web_support import PictureDrawer
 from adapters.web import WebChannel, token_hash
 from bot.app import BotApp
 from bot.config import Config
+from bot.engines.text import LocalTextEngine
+from bot.messages import Text
 
 #: Debian's Chromium (`make browser` installs it); another build can be named here.
 CHROMIUM = os.environ.get("AIGC_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -58,6 +60,40 @@ def skip_loudly(reason: str) -> None:
 
 
 # -- the bot in a thread --------------------------------------------------------------
+
+
+class PacedEngine:
+    """The real tiny-model engine with its partial texts spaced out as a larger
+    model's would be: the tiny model writes a whole reply in a few
+    milliseconds, so its partials would reach the browser in one network read
+    and the page could never be seen streaming."""
+
+    def __init__(self, inner: LocalTextEngine, pause_s: float = 0.05) -> None:
+        self.inner = inner
+        self.pause_s = pause_s
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.inner.ready
+
+    @property
+    def queue_depth(self) -> int:
+        return self.inner.queue_depth
+
+    async def stream(self, turns: Any, *, conversation: str = "") -> AsyncIterator[Text]:
+        async for part in self.inner.stream(turns, conversation=conversation):
+            if not part.final:
+                await asyncio.sleep(self.pause_s)
+            yield part
+
+    async def generate(self, turns: Any, *, conversation: str = "") -> str:
+        return await self.inner.generate(turns, conversation=conversation)
 
 
 class ThreadedBot:
@@ -93,7 +129,8 @@ class ThreadedBot:
 
     async def _main(self) -> None:
         try:
-            async with BotApp(self.config) as app:
+            engine = PacedEngine(LocalTextEngine(self.config.text))
+            async with BotApp(self.config, engine=engine) as app:
                 assert app.manager is not None
                 app.manager.drawer = PictureDrawer(app.store, self.pictures, size=160)
                 channel = WebChannel.create(app.services)
