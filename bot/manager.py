@@ -22,7 +22,7 @@ from bot.engines import EngineUnavailable, TextEngine
 from bot.limits import SlidingWindowLimiter
 from bot.messages import ConversationKey, Incoming, Notice, NoticeKind, Reply, Text, Typing
 from bot.ordering import KeyedLocks
-from storage import StorageUnavailable, Store
+from storage import StorageUnavailable, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,12 +200,7 @@ class ConversationManager:
                             yield partial
                     if final is None:
                         raise EngineUnavailable("the engine ended without a reply")
-                    await self.store.add_bot_message(
-                        reply_to=stored,
-                        platform=incoming.platform,
-                        user_id=incoming.user_id,
-                        text=final.text,
-                    )
+                    await self._save_reply(stored, incoming, final.text)
                 yield final
             except _Cancelled:
                 yield Notice("Cancelled.", NoticeKind.CANCELLED)
@@ -217,6 +212,17 @@ class ConversationManager:
                 log.warning("text engine unavailable: %s", exc)
                 self._count_error("engine")
                 yield Notice(ENGINE_DOWN, NoticeKind.UNAVAILABLE, retry_after=30)
+
+    async def _save_reply(self, stored: StoredMessage, incoming: Incoming, text: str) -> None:
+        """Store the reply; if the database went away meanwhile, the user still
+        gets the answer (their own message is already safe)."""
+        try:
+            await self.store.add_bot_message(
+                reply_to=stored, platform=incoming.platform, user_id=incoming.user_id, text=text
+            )
+        except StorageUnavailable as exc:
+            log.warning("a reply could not be stored: %s", exc)
+            self._count_error("storage")
 
     def _history_limit(self) -> int:
         # Every stored turn costs at least two tokens (a word and EOS), so more

@@ -328,3 +328,22 @@ async def test_a_caller_that_goes_away_stops_the_generation(config: Config, stor
     engine.release = None
     collected = await asyncio.wait_for(replies(manager, message("hello again")), 5)
     assert final_text(collected) == "echo: hello again"
+
+
+async def test_a_reply_that_cannot_be_stored_still_reaches_the_user(
+    config: Config, store: Store
+) -> None:
+    class ReplyStoreDown:
+        def __init__(self, inner: Store) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        async def add_bot_message(self, **_: Any) -> Any:
+            raise StorageUnavailable("OperationalError")
+
+    manager = ConversationManager(config, ReplyStoreDown(store), ScriptedEngine())  # type: ignore[arg-type]
+    assert final_text(await replies(manager, message("still there?"))) == "echo: still there?"
+    exported = await store.export_user("test", "ann")
+    assert [m.text for m in exported[0].messages] == ["still there?"]
