@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 import discord
 from discord import app_commands
 
+from bot.commands import COMMANDS
+
 #: (interaction, text for the manager, ephemeral)
 CommandRunner = Callable[[discord.Interaction, str, bool], Awaitable[None]]
 _QUOTE_PAIRS = (('"', '"'), ("“", "”"), ("«", "»"))
@@ -51,6 +53,18 @@ def draw_text(
     return " ".join(words)
 
 
+PERSONAL = ("reset", "forget", "stats", "cancel", "help")
+
+
+def _personal_command(name: str, summary: str, run: CommandRunner) -> app_commands.Command:
+    async def callback(interaction: discord.Interaction) -> None:
+        await run(interaction, f"/{name}", True)
+
+    return app_commands.Command(
+        name=name, description=summary[:1].upper() + summary[1:], callback=callback
+    )
+
+
 def build_command_tree(client: discord.Client, run: CommandRunner) -> app_commands.CommandTree:
     tree = app_commands.CommandTree(client)
 
@@ -82,26 +96,10 @@ def build_command_tree(client: discord.Client, run: CommandRunner) -> app_comman
         )
         await run(interaction, text, False)
 
-    @tree.command(
-        name="reset", description="Start a new conversation (the old one is kept for export)"
-    )
-    async def reset(interaction: discord.Interaction) -> None:
-        await run(interaction, "/reset", True)
-
-    @tree.command(name="forget", description="Delete everything I have stored about you")
-    async def forget(interaction: discord.Interaction) -> None:
-        await run(interaction, "/forget", True)
-
-    @tree.command(name="stats", description="Your usage")
-    async def stats(interaction: discord.Interaction) -> None:
-        await run(interaction, "/stats", True)
-
-    @tree.command(name="cancel", description="Drop your queued or running request")
-    async def cancel(interaction: discord.Interaction) -> None:
-        await run(interaction, "/cancel", True)
-
-    @tree.command(name="help", description="What I can do")
-    async def help_(interaction: discord.Interaction) -> None:
-        await run(interaction, "/help", True)
+    # The personal commands take no arguments; their descriptions are the
+    # same table that /help and Telegram's command menu use.
+    for info in COMMANDS:
+        if info.name in PERSONAL:
+            tree.add_command(_personal_command(info.name, info.summary, run))
 
     return tree
