@@ -4,7 +4,7 @@
 stored); `POST /api/messages` answers a message, as one JSON document or, with
 `Accept: text/event-stream`, as Server-Sent Events while the reply is
 generated; `GET /api/messages` returns the session's current conversation.
-`GET /` is a demo page and `GET /widget.js` the embeddable widget (files in
+`GET /` is a demo page (`web.demo_page`) and `GET /widget.js` the embeddable widget (files in
 adapters/static). Errors are JSON `{"error": ...}`.
 """
 
@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
+from adapters.client_address import ClientAddress
 from adapters.web_http import (
     LASTING,
     CorsPolicy,
@@ -67,6 +68,7 @@ class WebChannel:
         self.store: Store = services.store
         self.metrics = services.metrics
         self.session_limiter = SlidingWindowLimiter(self.config.web.sessions_per_minute, 60.0)
+        self.client_address = ClientAddress(self.config.web.trusted_proxies).resolve
         self.cors = CorsPolicy(self.config.web.allowed_origins, self.config.web.public_url)
         self.media_base = self.config.web.public_url.rstrip("/")
         self.heartbeat_s = HEARTBEAT_S
@@ -94,7 +96,8 @@ class WebChannel:
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get(r"/media/{draw_id:[A-Za-z0-9_-]+}.png", self.media)
         for path in STATIC_FILES:
-            app.router.add_get(path, self.static)
+            if path != "/" or self.config.web.demo_page:
+                app.router.add_get(path, self.static)
         return app
 
     async def start(self) -> None:
@@ -120,10 +123,6 @@ class WebChannel:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return await self.store.web_session_user(token_hash(token.strip()))
-
-    @staticmethod
-    def client_address(request: web.Request) -> str:
-        return request.remote or "unknown"
 
     async def _read_text(self, request: web.Request) -> str | web.Response:
         try:

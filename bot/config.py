@@ -7,6 +7,7 @@ values: a section names the env var that holds its token (`token_env`).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -139,6 +140,20 @@ class WebSection(Section):
     max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
     sessions_per_minute: Annotated[int, Field(ge=0)] = 10
     public_url: str = ""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    demo_page: bool = True
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _ip_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    'must be IP addresses or networks, e.g. ["127.0.0.1", "10.0.0.0/8"]'
+                ) from None
+        return [entry.strip() for entry in value]
 
 
 class TelegramSection(Section):

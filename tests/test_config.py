@@ -75,6 +75,11 @@ def test_config_env_var_names_the_file(tmp_path: Path) -> None:
         ("[text]\ntemprature = 1\n", "text.temprature is not a known key"),
         ('[storage]\nurl = "mysql://x"\n', "storage.url must start with sqlite+aiosqlite://"),
         ("[text\n", "not valid TOML"),
+        (
+            '[web]\ntrusted_proxies = ["nginx"]\n',
+            'web.trusted_proxies must be IP addresses or networks, e.g. ["127.0.0.1", '
+            "\"10.0.0.0/8\"] (got ['nginx'])",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(

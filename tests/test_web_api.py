@@ -301,6 +301,34 @@ async def test_session_creation_is_rate_limited_per_client_address(serve: Any) -
                 assert response.status == 201
 
 
+async def test_behind_a_trusted_proxy_sessions_are_limited_per_visitor(serve: Any) -> None:
+    """Every request comes from the proxy (127.0.0.1 here); the limit counts
+    the visitor it names in X-Forwarded-For instead."""
+    web_settings = {"sessions_per_minute": 1, "trusted_proxies": ["127.0.0.1"]}
+    async with serve(web=web_settings) as server:
+
+        async def create(forwarded_for: str) -> int:
+            headers = {"X-Forwarded-For": forwarded_for}
+            async with server.http.post("/api/sessions", headers=headers) as response:
+                return response.status
+
+        assert await create("203.0.113.5") == 201
+        assert await create("203.0.113.5") == 429
+        assert await create("203.0.113.6") == 201
+        # a visitor's forged entry stays left of the address the proxy saw
+        assert await create("198.51.100.1, 203.0.113.5") == 429
+
+
+async def test_forwarded_for_is_ignored_from_an_untrusted_peer(serve: Any) -> None:
+    async with serve(web={"sessions_per_minute": 1}) as server:
+        statuses = []
+        for forged in ("203.0.113.5", "203.0.113.6"):
+            headers = {"X-Forwarded-For": forged}
+            async with server.http.post("/api/sessions", headers=headers) as response:
+                statuses.append(response.status)
+        assert statuses == [201, 429]
+
+
 async def test_an_unavailable_engine_is_503(serve: Any) -> None:
     async with serve(engine=ScriptedEngine(fail=True)) as server:
         token = await server.session()
@@ -445,6 +473,15 @@ async def test_allowed_origins_get_cors_headers_and_preflights(serve: Any) -> No
         ) as response:
             assert response.status == 201
             assert response.headers["Access-Control-Allow-Origin"] == "https://any.example"
+
+
+async def test_the_demo_page_can_be_turned_off(serve: Any) -> None:
+    async with serve(web={"demo_page": False}) as server:
+        async with server.http.get("/") as response:
+            assert response.status == 404
+            error_of(await response.text())
+        async with server.http.get("/widget.js") as response:
+            assert response.status == 200
 
 
 async def test_the_demo_page_and_widget_files_are_served(serve: Any) -> None:
