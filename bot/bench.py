@@ -309,7 +309,9 @@ async def _serving(
 
         rows = []
         for users in plan.users:
-            batch_mark = len(engine.batch_sizes)
+            decoder = engine.decoder
+            steps_mark = (decoder.steps, decoder.step_rows, decoder.joined)
+            engine.batch_sizes.clear()
             cache = engine.prefix_cache
             cache_mark = (
                 (cache.hits, cache.misses, cache.reused_tokens) if cache is not None else (0, 0, 0)
@@ -324,10 +326,14 @@ async def _serving(
             base_run = await baseline_converse(
                 baseline, [s[: plan.turns] for s in scripts[:users]], bar.tick
             )
-            sizes = engine.batch_sizes[batch_mark:]
+            steps = decoder.steps - steps_mark[0]
             ours_row: dict[str, Any] = ours.summary()
-            ours_row["mean_batch_size"] = round(sum(sizes) / len(sizes), 2) if sizes else 0
-            ours_row["max_batch_size"] = max(sizes, default=0)
+            # rows per decode step: what batching achieved, latecomers included
+            ours_row["mean_batch_size"] = (
+                round((decoder.step_rows - steps_mark[1]) / steps, 2) if steps else 0
+            )
+            ours_row["max_batch_size"] = max(engine.batch_sizes, default=0)
+            ours_row["joined_running_batch"] = decoder.joined - steps_mark[2]
             if cache is not None:
                 ours_row["prefix_hits"] = cache.hits - cache_mark[0]
                 ours_row["prefix_misses"] = cache.misses - cache_mark[1]

@@ -346,3 +346,94 @@ def test_a_truncated_prompt_keeps_its_start_while_the_conversation_grows(
     anchored = encode_dialogue(tokenizer, turns, 200)
     plain = encode_dialogue(tokenizer, turns, 200, anchor_every=1)
     assert len(plain) >= len(anchored) > 200 // 2  # the price: a little less context
+
+
+# -- continuous batching ---------------------------------------------------------
+
+
+def _without_eos(monkeypatch: pytest.MonkeyPatch, eos: int) -> None:
+    """Every reply runs to max_new_tokens, so batches overlap predictably."""
+    original = BatchDecoder._next_tokens
+
+    def next_tokens(self: BatchDecoder, logits: Any, seen: Any) -> Any:
+        logits = logits.clone()
+        logits[:, eos] = float("-inf")
+        return original(self, logits, seen)
+
+    monkeypatch.setattr(BatchDecoder, "_next_tokens", next_tokens)
+
+
+async def test_latecomers_join_a_running_batch_and_it_stays_narrow(
+    engine: LocalTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests admitted between steps get exactly the replies they get alone,
+    and a batch that lives on as rows come and go does not grow wider than
+    its longest row (finished rows' columns are trimmed)."""
+    from bot.engines.decoding import DecodeRequest, SamplingSettings
+    from bot.engines.prefix_cache import PrefixCache
+
+    tokenizer, eos = engine.tokenizer, engine.tokenizer.eos_token_id
+    _without_eos(monkeypatch, eos)
+    settings = SamplingSettings(
+        max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.2, greedy=True
+    )
+    decoder = BatchDecoder(
+        engine.model,
+        tokenizer,
+        eos_id=eos,
+        device=engine.device,
+        prefix_cache=PrefixCache(0),
+        settings=settings,
+        max_rows=4,
+    )
+    prompts = [encode_dialogue(tokenizer, [line], 64) for line in sample_lines(12)]
+
+    def request(ids: list[int], into: dict[int, str], key: int) -> DecodeRequest:
+        return DecodeRequest(ids, "", lambda text, done: into.__setitem__(key, text) if done else 0)
+
+    alone: dict[int, str] = {}
+    for key, ids in enumerate(prompts):
+        decoder.run([request(ids, alone, key)])
+
+    widths: list[int] = []
+    forward = engine.model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        widths.append(kwargs["attention_mask"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", spy)
+    together: dict[int, str] = {}
+    waiting = list(enumerate(prompts))[1:]
+    calls = 0
+
+    def admit(room: int) -> list[DecodeRequest]:
+        nonlocal calls
+        calls += 1
+        if calls % 7 or not waiting:  # one newcomer every 7 steps
+            return []
+        key, ids = waiting.pop(0)
+        return [request(ids, together, key)]
+
+    decoder.run([request(prompts[0], together, 0)], admit=admit)
+
+    assert together == alone
+    assert decoder.joined == len(prompts) - 1
+    assert decoder.step_rows > decoder.steps  # rows really shared steps
+    longest_row = max(len(ids) for ids in prompts) + settings.max_new_tokens
+    assert max(widths) <= longest_row + 7
+
+
+async def test_a_request_queued_mid_batch_joins_it_through_the_engine(
+    engine: LocalTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _without_eos(monkeypatch, engine.tokenizer.eos_token_id)
+    alone = await engine.generate([PROMPTS[1]])
+    joined = engine.decoder.joined
+    first = engine.stream([PROMPTS[0]])
+    await anext(aiter(first))  # the first request is decoding now
+    latecomer = await engine.generate([PROMPTS[1]])
+    async for _ in first:
+        pass
+    assert latecomer == alone
+    assert engine.decoder.joined == joined + 1

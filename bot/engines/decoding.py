@@ -8,7 +8,11 @@ sequence in the key/value cache is laid out as
 with an attention mask over the pads and explicit position ids, so rows with
 different cached and new lengths share one forward pass, and every real token
 sees exactly the positions it would see alone. Finished rows leave the batch
-at once, so a short answer does not pay for a long one.
+at once, so a short answer does not pay for a long one, and requests that
+arrive meanwhile join it between two steps (continuous batching): they are
+prefilled on their own, then both caches are left-padded to one width and
+stacked. Columns no row uses any more are trimmed from the left, so a batch
+that lives on as rows come and go stays as wide as its longest row.
 
 Runs only on the engine's worker thread.
 """
@@ -56,8 +60,24 @@ class _Row:
     columns: list[int]  # positions in the batch cache that hold this row's tokens
     tokens: list[int]  # the tokens at those positions
     next_position: int
+    steps: int = 0  # tokens sampled for this row so far
     last_text: str = ""
     last_emit: float = 0.0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The rows being decoded together and their shared state."""
+
+    rows: list[_Row]
+    logits: torch.Tensor  # the next-token logits of every row
+    past: DynamicCache
+    mask: torch.Tensor  # (rows, cache columns)
+    seen: torch.Tensor  # (rows, vocabulary): tokens already in each reply
+
+
+#: `admit(room)`: up to `room` requests that are waiting, without blocking.
+Admit = Callable[[int], Sequence[DecodeRequest]]
 
 
 class BatchDecoder:
@@ -70,6 +90,8 @@ class BatchDecoder:
         device: torch.device,
         prefix_cache: PrefixCache,
         settings: SamplingSettings,
+        max_rows: int = 32,
+        observe_rows: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -77,7 +99,12 @@ class BatchDecoder:
         self.device = device
         self.cache = prefix_cache
         self.settings = settings
+        self.max_rows = max_rows
         self.generated_tokens = 0
+        self.steps = 0  # decode steps (forward passes after the prefill)
+        self.step_rows = 0  # rows summed over those steps: step_rows / steps = mean batch
+        self.joined = 0  # requests that joined a batch already running
+        self.observe_rows = observe_rows
 
     # -- sampling --------------------------------------------------------------
 
@@ -184,55 +211,137 @@ class BatchDecoder:
             row.request.on_text(text, done)
 
     @torch.inference_mode()
-    def run(self, requests: Sequence[DecodeRequest]) -> None:
-        """Decode until every row has produced EOS, hit the token limit or been cancelled."""
+    def run(self, requests: Sequence[DecodeRequest], admit: Admit | None = None) -> None:
+        """Decode until every row has produced EOS, hit the token limit or been
+        cancelled. With `admit`, requests that arrive meanwhile join the running
+        batch between steps (continuous batching) instead of waiting for it to
+        finish; `admit(room)` returns at most `room` of them without blocking."""
         live = [r for r in requests if not r.cancelled.is_set()]
-        if not live:
-            return
-        rows, logits, past, mask = self._prefill(live)
-        vocab = logits.shape[-1]
-        seen = torch.zeros((len(rows), vocab), dtype=torch.bool, device=self.device)
-        for step in range(self.settings.max_new_tokens):
-            tokens = self._next_tokens(logits, seen).tolist()
-            keep: list[int] = []
-            for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
-                request = row.request
-                finished = token == self.eos_id or request.cancelled.is_set()
-                if not finished:
-                    request.generated.append(token)
-                    self.generated_tokens += 1
-                last_step = step == self.settings.max_new_tokens - 1
-                if finished or last_step:
-                    self._save_prefix(row, past, index)
-                    if not request.cancelled.is_set():
-                        self._emit(row, done=True)
-                    continue
-                self._emit(row, done=False)
-                keep.append(index)
-            if not keep:
+        batch = self._start(live) if live else None
+        while True:
+            tokens = self._sample(batch) if batch is not None else []
+            room = self.max_rows - (len(batch.rows) if batch is not None else 0)
+            if admit is not None and room > 0:
+                joining = [r for r in admit(room) if not r.cancelled.is_set()]
+                if joining:
+                    if batch is not None:
+                        self.joined += len(joining)
+                    newcomers = self._start(joining)
+                    new_tokens = self._sample(newcomers)
+                    if batch is None or not batch.rows:
+                        batch, tokens = newcomers, new_tokens
+                    elif newcomers.rows:
+                        batch = self._merge(batch, newcomers)
+                        tokens = tokens + new_tokens
+            if batch is None or not batch.rows:
                 return
-            if len(keep) < len(rows):
-                selector = torch.tensor(keep, device=self.device)
-                past.batch_select_indices(selector)
-                mask = mask.index_select(0, selector)
-                seen = seen.index_select(0, selector)
-                rows = [rows[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
-            next_ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(-1)
-            seen.scatter_(1, next_ids, True)
-            column = mask.shape[1]
-            positions = torch.tensor([[row.next_position] for row in rows], device=self.device)
-            for row, token in zip(rows, tokens, strict=True):
-                row.columns.append(column)
-                row.tokens.append(token)
-                row.next_position += 1
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            output = self.model(
-                input_ids=next_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=past,
-                use_cache=True,
-            )
-            past = output.past_key_values
-            logits = output.logits[:, -1, :]
+            self._advance(batch, tokens)
+
+    def _start(self, requests: Sequence[DecodeRequest]) -> _Batch:
+        rows, logits, past, mask = self._prefill(requests)
+        seen = torch.zeros((len(rows), logits.shape[-1]), dtype=torch.bool, device=self.device)
+        return _Batch(rows, logits, past, mask, seen)
+
+    def _sample(self, batch: _Batch) -> list[int]:
+        """Pick every row's next token; rows that are done report their reply
+        and leave the batch. Returns the tokens of the rows that stay."""
+        tokens = self._next_tokens(batch.logits, batch.seen).tolist()
+        keep: list[int] = []
+        for index, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            request = row.request
+            finished = token == self.eos_id or request.cancelled.is_set()
+            if not finished:
+                request.generated.append(token)
+                self.generated_tokens += 1
+            row.steps += 1
+            if finished or row.steps >= self.settings.max_new_tokens:
+                self._save_prefix(row, batch.past, index)
+                if not request.cancelled.is_set():
+                    self._emit(row, done=True)
+                continue
+            self._emit(row, done=False)
+            keep.append(index)
+        if len(keep) < len(batch.rows):
+            self._select(batch, keep)
+        return [tokens[i] for i in keep]
+
+    def _select(self, batch: _Batch, keep: list[int]) -> None:
+        """Keep only the rows `keep`, and drop cache columns no row uses any more."""
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            return
+        selector = torch.tensor(keep, device=self.device)
+        batch.past.batch_select_indices(selector)
+        batch.mask = batch.mask.index_select(0, selector)
+        batch.seen = batch.seen.index_select(0, selector)
+        batch.logits = batch.logits.index_select(0, selector)
+        first = min(row.columns[0] for row in batch.rows if row.columns)
+        if first > 0:  # only padding left of here: trim it, or a long-lived batch grows forever
+            for layer in batch.past.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+            batch.mask = batch.mask[:, first:]
+            for row in batch.rows:
+                row.columns = [column - first for column in row.columns]
+
+    def _merge(self, running: _Batch, newcomers: _Batch) -> _Batch:
+        """One batch of both: the narrower cache is padded on the left (masked
+        out), so every row keeps its own positions and its tokens' columns."""
+        width = max(running.mask.shape[1], newcomers.mask.shape[1])
+        past = DynamicCache()
+        for index, (old, new) in enumerate(
+            zip(running.past.layers, newcomers.past.layers, strict=True)
+        ):
+            keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+            values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            past.update(keys, values, index)
+        for group in (running, newcomers):
+            shift = width - group.mask.shape[1]
+            if shift:
+                for row in group.rows:
+                    row.columns = [column + shift for column in row.columns]
+        mask = torch.cat([_left_pad(running.mask, width), _left_pad(newcomers.mask, width)])
+        return _Batch(
+            running.rows + newcomers.rows,
+            torch.cat([running.logits, newcomers.logits]),
+            past,
+            mask,
+            torch.cat([running.seen, newcomers.seen]),
+        )
+
+    def _advance(self, batch: _Batch, tokens: list[int]) -> None:
+        """Feed every row its new token: one forward pass for the whole batch."""
+        self.steps += 1
+        self.step_rows += len(batch.rows)
+        if self.observe_rows is not None:
+            self.observe_rows(len(batch.rows))
+        next_ids = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(-1)
+        batch.seen.scatter_(1, next_ids, True)
+        column = batch.mask.shape[1]
+        positions = torch.tensor([[row.next_position] for row in batch.rows], device=self.device)
+        for row, token in zip(batch.rows, tokens, strict=True):
+            row.columns.append(column)
+            row.tokens.append(token)
+            row.next_position += 1
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        output = self.model(
+            input_ids=next_ids,
+            attention_mask=batch.mask,
+            position_ids=positions,
+            past_key_values=batch.past,
+            use_cache=True,
+        )
+        batch.past = output.past_key_values
+        batch.logits = output.logits[:, -1, :]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` widened to `width` along its sequence axis (the last for a
+    mask, the one before the last for keys and values) with zeros on the left."""
+    axis = -1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[axis]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)

@@ -2,13 +2,16 @@
 
 The worker thread owns the model. Requests from every conversation go into a
 queue; the worker takes the first, waits up to `batch_wait_ms` for more (up to
-`max_batch_size`) and decodes them together. Results flow back to the event
-loop with `call_soon_threadsafe`, so the loop never waits on the model.
+`max_batch_size`) and decodes them together; requests that arrive while a
+batch is decoding join it at the next step (continuous batching). Results flow
+back to the event loop with `call_soon_threadsafe`, so the loop never waits on
+the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import queue
@@ -56,7 +59,8 @@ class LocalTextEngine:
         self.device: Any = None
         self.prompt_budget = config.max_history_tokens
         self.batches = 0
-        self.batch_sizes: list[int] = []
+        #: rows in each recent decode step (the decoder keeps running totals)
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -87,6 +91,11 @@ class LocalTextEngine:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def decoder(self) -> Any:
+        """The `BatchDecoder` (its counters: steps, step_rows, joined)."""
+        return self._decoder
 
     @property
     def prefix_cache(self) -> Any:
@@ -188,6 +197,8 @@ class LocalTextEngine:
                 greedy=c.greedy,
                 stream_interval_s=c.stream_interval_ms / 1000,
             ),
+            max_rows=c.max_batch_size,
+            observe_rows=self._observe_step,
         )
         log.info("text model %s loaded on %s", Path(c.model).name or c.model, self.device)
 
@@ -209,41 +220,69 @@ class LocalTextEngine:
             batch.append(item)
         return batch
 
-    def _run(self, batch: list[_Pending]) -> None:
+    def _request(self, pending: _Pending) -> Any:
+        """The decoder's request for `pending`, or None if it was cancelled."""
         from bot.engines.decoding import DecodeRequest
 
-        requests = []
-        for pending in batch:
-            assert pending.cancelled is not None
-            if pending.cancelled.is_set():
-                continue
-            ids = encode_dialogue(self.tokenizer, pending.turns, self.prompt_budget)
-            pending.request = DecodeRequest(
-                prompt_ids=ids,
-                cache_key=pending.conversation,
-                on_text=self._sender(pending),
-                cancelled=pending.cancelled,
-            )
-            requests.append(pending.request)
+        assert pending.cancelled is not None
+        if pending.cancelled.is_set():
+            return None
+        ids = encode_dialogue(self.tokenizer, pending.turns, self.prompt_budget)
+        pending.request = DecodeRequest(
+            prompt_ids=ids,
+            cache_key=pending.conversation,
+            on_text=self._sender(pending),
+            cancelled=pending.cancelled,
+        )
+        return pending.request
+
+    def _run(self, batch: list[_Pending]) -> None:
+        active = list(batch)  # everyone this run answers, latecomers included
+        stopping = False
+
+        def admit(room: int) -> list[Any]:
+            """Requests queued since the batch started, to join it now."""
+            nonlocal stopping
+            joining = []
+            while len(joining) < room and not stopping:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    self._queue.put(_STOP)
+                    stopping = True
+                    break
+                active.append(item)
+                request = self._request(item)
+                if request is not None:
+                    joining.append(request)
+            if joining:
+                self._observe_queue()
+            return joining
+
+        requests = [r for r in map(self._request, batch) if r is not None]
         self._observe_queue()
         if not requests:
             return
         self.batches += 1
-        self.batch_sizes.append(len(requests))
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(len(requests))
         before = self._decoder.generated_tokens
         try:
-            self._decoder.run(requests)
+            self._decoder.run(requests, admit=admit)
         except Exception as exc:
-            log.exception("text generation failed for a batch of %d", len(requests))
-            for pending in batch:
+            log.exception("text generation failed for a batch of %d", len(active))
+            for pending in active:
                 self._send(
                     pending, "error", EngineUnavailable(f"generation failed: {type(exc).__name__}")
                 )
         finally:
             if self.metrics is not None:
                 self.metrics.generated_tokens.inc(self._decoder.generated_tokens - before)
+
+    def _observe_step(self, rows: int) -> None:
+        self.batch_sizes.append(rows)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(rows)
 
     def _sender(self, pending: _Pending) -> Any:
         def on_text(text: str, done: bool) -> None:
