@@ -33,7 +33,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "aigc_bot_engine_batch_size",
-            "Requests decoded together in one batch.",
+            "Requests decoded together in one decode step (latecomers included).",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
