@@ -92,6 +92,7 @@ class BatchDecoder:
         settings: SamplingSettings,
         max_rows: int = 32,
         observe_rows: Callable[[int], None] | None = None,
+        on_tokens: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -105,6 +106,8 @@ class BatchDecoder:
         self.step_rows = 0  # rows summed over those steps: step_rows / steps = mean batch
         self.joined = 0  # requests that joined a batch already running
         self.observe_rows = observe_rows
+        self.on_tokens = on_tokens
+        self._reported_tokens = 0
 
     # -- sampling --------------------------------------------------------------
 
@@ -224,7 +227,7 @@ class BatchDecoder:
             if admit is not None and room > 0:
                 joining = [r for r in admit(room) if not r.cancelled.is_set()]
                 if joining:
-                    if batch is not None:
+                    if batch is not None and batch.rows:
                         self.joined += len(joining)
                     newcomers = self._start(joining)
                     new_tokens = self._sample(newcomers)
@@ -247,6 +250,7 @@ class BatchDecoder:
         and leave the batch. Returns the tokens of the rows that stay."""
         tokens = self._next_tokens(batch.logits, batch.seen).tolist()
         keep: list[int] = []
+        finishing: list[int] = []
         for index, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
             request = row.request
             finished = token == self.eos_id or request.cancelled.is_set()
@@ -255,12 +259,21 @@ class BatchDecoder:
                 self.generated_tokens += 1
             row.steps += 1
             if finished or row.steps >= self.settings.max_new_tokens:
-                self._save_prefix(row, batch.past, index)
-                if not request.cancelled.is_set():
-                    self._emit(row, done=True)
-                continue
-            self._emit(row, done=False)
-            keep.append(index)
+                finishing.append(index)
+            else:
+                keep.append(index)
+        # counted before any reply is handed over, so whoever sees a reply
+        # also sees its tokens in the counter
+        if self.on_tokens is not None:
+            self.on_tokens(self.generated_tokens - self._reported_tokens)
+            self._reported_tokens = self.generated_tokens
+        for index in finishing:
+            row = batch.rows[index]
+            self._save_prefix(row, batch.past, index)
+            if not row.request.cancelled.is_set():
+                self._emit(row, done=True)
+        for index in keep:
+            self._emit(batch.rows[index], done=False)
         if len(keep) < len(batch.rows):
             self._select(batch, keep)
         return [tokens[i] for i in keep]

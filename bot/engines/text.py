@@ -199,6 +199,7 @@ class LocalTextEngine:
             ),
             max_rows=c.max_batch_size,
             observe_rows=self._observe_step,
+            on_tokens=self._count_tokens,
         )
         log.info("text model %s loaded on %s", Path(c.model).name or c.model, self.device)
 
@@ -266,7 +267,6 @@ class LocalTextEngine:
         if not requests:
             return
         self.batches += 1
-        before = self._decoder.generated_tokens
         try:
             self._decoder.run(requests, admit=admit)
         except Exception as exc:
@@ -275,9 +275,10 @@ class LocalTextEngine:
                 self._send(
                     pending, "error", EngineUnavailable(f"generation failed: {type(exc).__name__}")
                 )
-        finally:
-            if self.metrics is not None:
-                self.metrics.generated_tokens.inc(self._decoder.generated_tokens - before)
+
+    def _count_tokens(self, count: int) -> None:
+        if self.metrics is not None and count:
+            self.metrics.generated_tokens.inc(count)
 
     def _observe_step(self, rows: int) -> None:
         self.batch_sizes.append(rows)
