@@ -13,9 +13,11 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from sqlalchemy import create_engine as sqlalchemy_create_engine
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK_ID = 0x41494743  # "AIGC"
@@ -25,30 +27,50 @@ def create_engine(url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) 
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo}
     if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
-        # Transactions always end in commit or rollback here, so the extra
-        # rollback on returning a connection to the pool is a wasted round trip.
-        kwargs["pool_reset_on_return"] = None
+        kwargs.update(_sqlite_options(parsed, busy_timeout_ms))
     else:
         # Each conversation that is generating holds one connection for its
         # advisory lock (see Store.conversation_lock), so allow plenty.
         kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=30)
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-
+        _add_sqlite_pragmas(engine.sync_engine, busy_timeout_ms)
     return engine
+
+
+def create_sqlite_sync_engine(
+    url: str, *, busy_timeout_ms: int = 5000, echo: bool = False
+) -> Engine:
+    """The same SQLite database through the standard `sqlite3` driver, for the
+    store's own threads (one thread hand-off per transaction, not per statement)."""
+    parsed = make_url(url).set(drivername="sqlite+pysqlite")
+    options = _sqlite_options(parsed, busy_timeout_ms)
+    options["connect_args"]["check_same_thread"] = False  # pooled across the store's threads
+    if parsed.database in (None, "", ":memory:"):
+        options["poolclass"] = StaticPool  # one in-memory database, not one per thread
+    engine = sqlalchemy_create_engine(parsed, echo=echo, **options)
+    _add_sqlite_pragmas(engine, busy_timeout_ms)
+    return engine
+
+
+def _sqlite_options(parsed: URL, busy_timeout_ms: int) -> dict[str, Any]:
+    database = parsed.database or ""
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    # Transactions always end in commit or rollback here, so the extra
+    # rollback on returning a connection to the pool is a wasted round trip.
+    return {"connect_args": {"timeout": busy_timeout_ms / 1000}, "pool_reset_on_return": None}
+
+
+def _add_sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
 
 
 def alembic_config() -> AlembicConfig:

@@ -1,8 +1,12 @@
 """The store API: everything the bot persists goes through `Store`.
 
-Every method is one short transaction. Database failures (down, locked past
-the busy timeout) surface as `StorageUnavailable`, so the caller can tell a
-user "try again" instead of crashing.
+Every method is one short transaction, written as a plain function over a
+SQLAlchemy `Session` and run where the backend wants it: on SQLite in one
+writer thread (reads on two reader threads), so a transaction costs one
+thread hand-off instead of one per statement; on PostgreSQL on the event loop
+through asyncpg. Database failures (down, locked past the busy timeout)
+surface as `StorageUnavailable`, so the caller can tell a user "try again"
+instead of crashing.
 """
 
 from __future__ import annotations
@@ -11,20 +15,23 @@ import asyncio
 import functools
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import Select, delete, func, insert, select, update
+from sqlalchemy import Select, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy import text as sql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
-from storage.database import create_engine, migrate
+from storage.database import create_engine, create_sqlite_sync_engine, migrate
 from storage.models import Conversation, Draw, Message, User, WebSession, utcnow
 
 P = ParamSpec("P")
@@ -126,27 +133,111 @@ def _active(query: Select[Any], platform: str, chat_id: str, owner: str) -> Sele
 
 _turn_order = func.coalesce(Message.reply_to_id, Message.id)
 
+# The message path runs for every message, so its statements are built once,
+# on the Core tables, with bound parameters: SQLAlchemy then reuses their
+# compiled form and cache keys instead of rebuilding them per message, and no
+# ORM machinery runs.
+_messages: Table = Message.__table__  # type: ignore[assignment]
+_conversations: Table = Conversation.__table__  # type: ignore[assignment]
+_users: Table = User.__table__  # type: ignore[assignment]
+
+_XACT_LOCK = sql("SELECT pg_advisory_xact_lock(:key)")
+_INSERT_MESSAGE = insert(_messages)
+_INSERT_CONVERSATION = insert(_conversations)
+_ACTIVE_CONVERSATION = (
+    select(_conversations.c.id)
+    .where(
+        _conversations.c.platform == bindparam("platform"),
+        _conversations.c.chat_id == bindparam("chat_id"),
+        _conversations.c.owner == bindparam("owner"),
+        _conversations.c.active.is_(True),
+    )
+    .order_by(_conversations.c.id.desc())
+    .limit(1)
+)
+_core_turn_order = func.coalesce(_messages.c.reply_to_id, _messages.c.id)
+_HISTORY_COLUMNS = select(
+    _messages.c.id,
+    _messages.c.conversation_id,
+    _messages.c.role,
+    _messages.c.text,
+    _messages.c.created_at,
+).where(_messages.c.conversation_id == bindparam("conversation_id"))
+_HISTORY_ORDER = (_core_turn_order.desc(), _messages.c.id.desc())
+_HISTORY = _HISTORY_COLUMNS.order_by(*_HISTORY_ORDER).limit(bindparam("limit"))
+_HISTORY_BEFORE = (
+    _HISTORY_COLUMNS.where(_core_turn_order < bindparam("before_id"))
+    .order_by(*_HISTORY_ORDER)
+    .limit(bindparam("limit"))
+)
+
+
+def _upsert_user_statement(dialect_insert: Any) -> Any:
+    """Create the user, or update their display name if it changed."""
+    statement = dialect_insert(_users)
+    return statement.on_conflict_do_update(
+        index_elements=[_users.c.platform, _users.c.user_id],
+        set_={"user_name": statement.excluded.user_name},
+        where=(_users.c.user_name != statement.excluded.user_name)
+        & (statement.excluded.user_name != ""),
+    )
+
+
+_UPSERT_USER = {
+    "sqlite": _upsert_user_statement(sqlite_insert),
+    "postgresql": _upsert_user_statement(postgresql_insert),
+}
+
 
 class Store:
     """Async persistence for users, conversations, messages, draws and web sessions."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, sync_engine: Engine | None = None) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        # SQLite has one writer at a time. Queueing writes here, in arrival
-        # order, beats letting them race for the file lock: under load the
-        # losers would wait out the busy timeout and fail.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        # SQLite: one thread owns the writes (SQLite has one writer at a time
+        # anyway, and queueing them in arrival order beats racing for the file
+        # lock), two threads read (WAL readers never wait for the writer).
+        self._sync_engine = sync_engine
+        self._sync_sessions = (
+            sessionmaker(sync_engine, expire_on_commit=False) if sync_engine is not None else None
+        )
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        if sync_engine is not None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            in_memory = sync_engine.url.database in (None, "", ":memory:")
+            self._readers = (
+                self._writer
+                if in_memory
+                else ThreadPoolExecutor(2, thread_name_prefix="sqlite-reader")
+            )
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction (serialised on SQLite)."""
-        if self._write_lock is None:
-            async with self._sessions.begin() as session:
-                yield session
-            return
-        async with self._write_lock, self._sessions.begin() as session:
-            yield session
+    async def _write(self, work: Callable[[Session], T]) -> T:
+        """Run `work` in a write transaction, committed when it returns."""
+        if self._writer is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._writer, self._in_transaction, work)
+        async with self._sessions.begin() as session:
+            return await session.run_sync(work)
+
+    async def _read(self, work: Callable[[Session], T]) -> T:
+        """Run `work` with a session that only reads."""
+        if self._readers is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._readers, self._in_session, work)
+        async with self._sessions() as session:
+            return await session.run_sync(work)
+
+    def _in_transaction(self, work: Callable[[Session], T]) -> T:
+        assert self._sync_sessions is not None
+        with self._sync_sessions.begin() as session:
+            return work(session)
+
+    def _in_session(self, work: Callable[[Session], T]) -> T:
+        assert self._sync_sessions is not None
+        with self._sync_sessions() as session:
+            return work(session)
 
     @classmethod
     async def open(cls, url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) -> Store:
@@ -157,9 +248,17 @@ class Store:
         except (OperationalError, DBAPIError, OSError) as exc:
             await engine.dispose()
             raise StorageUnavailable(f"{type(exc).__name__}: {exc}".splitlines()[0]) from exc
-        return cls(engine)
+        sync_engine = None
+        if engine.dialect.name == "sqlite":
+            sync_engine = create_sqlite_sync_engine(url, busy_timeout_ms=busy_timeout_ms, echo=echo)
+        return cls(engine, sync_engine)
 
     async def close(self) -> None:
+        for executor in {self._writer, self._readers} - {None}:
+            assert executor is not None
+            await asyncio.to_thread(executor.shutdown)
+        if self._sync_engine is not None:
+            await asyncio.to_thread(self._sync_engine.dispose)
         await self.engine.dispose()
 
     @property
@@ -168,43 +267,27 @@ class Store:
 
     @_guarded
     async def ping(self) -> None:
-        async with self._sessions() as session:
-            await session.execute(select(1))
+        await self._read(lambda session: session.execute(select(1)))
 
     # -- messages ---------------------------------------------------------------
 
-    # The message path runs for every message, so it uses Core statements
-    # (no ORM objects) and as few round trips as it can.
-
-    async def _active_conversation(
-        self, session: AsyncSession, platform: str, chat_id: str, owner: str
+    @staticmethod
+    def _active_conversation(
+        connection: Connection, platform: str, chat_id: str, owner: str
     ) -> int:
-        found = await session.scalar(_active(select(Conversation.id), platform, chat_id, owner))
+        key = {"platform": platform, "chat_id": chat_id, "owner": owner}
+        found = connection.execute(_ACTIVE_CONVERSATION, key).scalar()
         if found is not None:
-            return found
-        result = await session.execute(
-            insert(Conversation).values(
-                platform=platform, chat_id=chat_id, owner=owner, active=True, started_at=utcnow()
-            )
+            return int(found)
+        result = connection.execute(
+            _INSERT_CONVERSATION, {**key, "active": True, "started_at": utcnow()}
         )
         return int(result.inserted_primary_key[0])
 
-    def _upsert_user(self, platform: str, user_id: str, user_name: str) -> Any:
-        """Create the user, or update their display name if it changed."""
-        dialect_insert = postgresql_insert if self.dialect == "postgresql" else sqlite_insert
-        statement = dialect_insert(User).values(
-            platform=platform, user_id=user_id, user_name=user_name, created_at=utcnow()
-        )
-        return statement.on_conflict_do_update(
-            index_elements=[User.platform, User.user_id],
-            set_={"user_name": statement.excluded.user_name},
-            where=(User.user_name != statement.excluded.user_name)
-            & (statement.excluded.user_name != ""),
-        )
-
-    async def _insert_message(self, session: AsyncSession, **values: Any) -> StoredMessage:
+    @staticmethod
+    def _insert_message(connection: Connection, **values: Any) -> StoredMessage:
         now = utcnow()
-        result = await session.execute(insert(Message).values(created_at=now, **values))
+        result = connection.execute(_INSERT_MESSAGE, {"created_at": now, **values})
         return StoredMessage(
             int(result.inserted_primary_key[0]),
             values["conversation_id"],
@@ -226,17 +309,23 @@ class Store:
         platform_message_id: str | None = None,
     ) -> StoredMessage:
         """Commit a user's message to the conversation's active thread."""
-        async with self._write() as session:
+        upsert = _UPSERT_USER[self.dialect]
+        user = {
+            "platform": platform,
+            "user_id": user_id,
+            "user_name": user_name,
+            "created_at": utcnow(),
+        }
+
+        def work(session: Session) -> StoredMessage:
+            connection = session.connection()
             if self.dialect == "postgresql":
                 # Serialise get-or-create of the active conversation across processes.
-                await session.execute(
-                    sql("SELECT pg_advisory_xact_lock(:key)"),
-                    {"key": lock_key(platform, chat_id, owner)},
-                )
-            await session.execute(self._upsert_user(platform, user_id, user_name))
-            conversation_id = await self._active_conversation(session, platform, chat_id, owner)
-            return await self._insert_message(
-                session,
+                connection.execute(_XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
+            connection.execute(upsert, user)
+            conversation_id = self._active_conversation(connection, platform, chat_id, owner)
+            return self._insert_message(
+                connection,
                 conversation_id=conversation_id,
                 platform=platform,
                 user_id=user_id,
@@ -245,6 +334,8 @@ class Store:
                 platform_message_id=platform_message_id,
                 reply_to_id=None,
             )
+
+        return await self._write(work)
 
     @asynccontextmanager
     async def conversation_lock(
@@ -275,9 +366,9 @@ class Store:
     async def add_bot_message(
         self, *, reply_to: StoredMessage, platform: str, user_id: str, text: str
     ) -> StoredMessage:
-        async with self._write() as session:
-            return await self._insert_message(
-                session,
+        return await self._write(
+            lambda session: self._insert_message(
+                session.connection(),
                 conversation_id=reply_to.conversation_id,
                 platform=platform,
                 user_id=user_id,
@@ -286,6 +377,16 @@ class Store:
                 reply_to_id=reply_to.id,
                 platform_message_id=None,
             )
+        )
+
+    @staticmethod
+    def _history_rows(
+        connection: Connection, conversation_id: int, before_id: int | None, limit: int
+    ) -> list[Any]:
+        params = {"conversation_id": conversation_id, "limit": limit}
+        if before_id is None:
+            return list(connection.execute(_HISTORY, params))
+        return list(connection.execute(_HISTORY_BEFORE, {**params, "before_id": before_id}))
 
     @_guarded
     async def history(
@@ -294,173 +395,166 @@ class Store:
         """The newest `limit` messages of a thread in turn order (each reply
         right after the message it answers), oldest first, all anchored before
         `before_id` when given."""
-        query = select(
-            Message.id, Message.conversation_id, Message.role, Message.text, Message.created_at
-        ).where(Message.conversation_id == conversation_id)
-        if before_id is not None:
-            query = query.where(_turn_order < before_id)
-        query = query.order_by(_turn_order.desc(), Message.id.desc()).limit(limit)
-        async with self._sessions() as session:
-            rows = (await session.execute(query)).all()
+        rows = await self._read(
+            lambda session: self._history_rows(
+                session.connection(), conversation_id, before_id, limit
+            )
+        )
         return [StoredMessage(*row) for row in reversed(rows)]
 
     @_guarded
     async def active_history(
         self, platform: str, chat_id: str, owner: str, *, limit: int = 200
     ) -> list[StoredMessage]:
-        async with self._sessions() as session:
-            conversation_id = await session.scalar(
-                _active(select(Conversation.id), platform, chat_id, owner)
-            )
-        if conversation_id is None:
-            return []
-        return await self.history(conversation_id, limit=limit)
+        key = {"platform": platform, "chat_id": chat_id, "owner": owner}
+
+        def work(session: Session) -> list[Any]:
+            connection = session.connection()
+            conversation_id = connection.execute(_ACTIVE_CONVERSATION, key).scalar()
+            if conversation_id is None:
+                return []
+            return self._history_rows(connection, conversation_id, None, limit)
+
+        rows = await self._read(work)
+        return [StoredMessage(*row) for row in reversed(rows)]
 
     @_guarded
     async def reset(self, platform: str, chat_id: str, owner: str) -> bool:
         """Close the active thread; the next message starts a new one."""
-        async with self._write() as session:
-            result = await session.execute(
-                update(Conversation)
-                .where(
-                    Conversation.platform == platform,
-                    Conversation.chat_id == chat_id,
-                    Conversation.owner == owner,
-                    Conversation.active.is_(True),
-                )
-                .values(active=False)
+        statement = (
+            update(Conversation)
+            .where(
+                Conversation.platform == platform,
+                Conversation.chat_id == chat_id,
+                Conversation.owner == owner,
+                Conversation.active.is_(True),
             )
-            return bool(result.rowcount)
+            .values(active=False)
+        )
+        return await self._write(lambda session: bool(session.execute(statement).rowcount))
 
     # -- a person's data ------------------------------------------------------
 
     @_guarded
     async def export_user(self, platform: str, user_id: str) -> list[ExportedConversation]:
         """Every message from or to one person, grouped by conversation."""
-        async with self._sessions() as session:
-            rows = (
-                await session.execute(
-                    select(Message, Conversation.chat_id, Conversation.started_at)
-                    .join(Conversation, Message.conversation_id == Conversation.id)
-                    .where(Message.platform == platform, Message.user_id == user_id)
-                    .order_by(Message.conversation_id, _turn_order, Message.id)
+        query = (
+            select(Message, Conversation.chat_id, Conversation.started_at)
+            .join(Conversation, Message.conversation_id == Conversation.id)
+            .where(Message.platform == platform, Message.user_id == user_id)
+            .order_by(Message.conversation_id, _turn_order, Message.id)
+        )
+
+        def work(session: Session) -> list[ExportedConversation]:
+            conversations: dict[int, ExportedConversation] = {}
+            for message, chat_id, started_at in session.execute(query):
+                exported = conversations.setdefault(
+                    message.conversation_id, ExportedConversation(chat_id, started_at)
                 )
-            ).all()
-        conversations: dict[int, ExportedConversation] = {}
-        for message, chat_id, started_at in rows:
-            exported = conversations.setdefault(
-                message.conversation_id, ExportedConversation(chat_id, started_at)
-            )
-            exported.messages.append(_stored(message))
-        return list(conversations.values())
+                exported.messages.append(_stored(message))
+            return list(conversations.values())
+
+        return await self._read(work)
 
     @_guarded
     async def forget_user(self, platform: str, user_id: str) -> ForgetResult:
         """Delete everything stored about one person; returns image files to remove."""
-        async with self._write() as session:
+
+        def work(session: Session) -> ForgetResult:
             conversation_ids = set(
-                (
-                    await session.scalars(
-                        select(Message.conversation_id).where(
-                            Message.platform == platform, Message.user_id == user_id
-                        )
+                session.scalars(
+                    select(Message.conversation_id).where(
+                        Message.platform == platform, Message.user_id == user_id
                     )
                 ).all()
             )
             mine = (Message.platform == platform, Message.user_id == user_id)
-            message_count = await session.scalar(
-                select(func.count()).select_from(Message).where(*mine)
-            )
-            await session.execute(delete(Message).where(*mine))
+            message_count = session.scalar(select(func.count()).select_from(Message).where(*mine))
+            session.execute(delete(Message).where(*mine))
             emptied = 0
             for conversation_id in conversation_ids:
-                remaining = await session.scalar(
+                remaining = session.scalar(
                     select(func.count())
                     .select_from(Message)
                     .where(Message.conversation_id == conversation_id)
                 )
                 if not remaining:
-                    await session.execute(
-                        delete(Conversation).where(Conversation.id == conversation_id)
-                    )
+                    session.execute(delete(Conversation).where(Conversation.id == conversation_id))
                     emptied += 1
-            await session.execute(
+            session.execute(
                 delete(Conversation).where(
                     Conversation.platform == platform, Conversation.owner == user_id
                 )
             )
             image_paths = [
                 path
-                for path in (
-                    await session.scalars(
-                        select(Draw.image_path).where(
-                            Draw.platform == platform, Draw.user_id == user_id
-                        )
+                for path in session.scalars(
+                    select(Draw.image_path).where(
+                        Draw.platform == platform, Draw.user_id == user_id
                     )
                 ).all()
                 if path
             ]
-            deleted_draws = await session.execute(
+            deleted_draws = session.execute(
                 delete(Draw).where(Draw.platform == platform, Draw.user_id == user_id)
             )
-            await session.execute(
-                delete(User).where(User.platform == platform, User.user_id == user_id)
-            )
+            session.execute(delete(User).where(User.platform == platform, User.user_id == user_id))
             if platform == "web":
-                await session.execute(delete(WebSession).where(WebSession.user_id == user_id))
-        return ForgetResult(
-            messages=message_count or 0,
-            conversations=emptied,
-            draws=deleted_draws.rowcount or 0,
-            image_paths=image_paths,
-        )
+                session.execute(delete(WebSession).where(WebSession.user_id == user_id))
+            return ForgetResult(
+                messages=message_count or 0,
+                conversations=emptied,
+                draws=deleted_draws.rowcount or 0,
+                image_paths=image_paths,
+            )
+
+        return await self._write(work)
 
     @_guarded
     async def user_stats(self, platform: str, user_id: str) -> UserStats:
-        async with self._sessions() as session:
+        def work(session: Session) -> UserStats:
             counts = dict(
-                (
-                    await session.execute(
-                        select(Message.role, func.count())
-                        .where(Message.platform == platform, Message.user_id == user_id)
-                        .group_by(Message.role)
-                    )
+                session.execute(
+                    select(Message.role, func.count())
+                    .where(Message.platform == platform, Message.user_id == user_id)
+                    .group_by(Message.role)
                 ).all()
             )
-            conversations = await session.scalar(
+            conversations = session.scalar(
                 select(func.count(func.distinct(Message.conversation_id))).where(
                     Message.platform == platform, Message.user_id == user_id
                 )
             )
-            draws = await session.scalar(
+            draws = session.scalar(
                 select(func.count())
                 .select_from(Draw)
                 .where(Draw.platform == platform, Draw.user_id == user_id, Draw.status == "done")
             )
-            first_seen = await session.scalar(
+            first_seen = session.scalar(
                 select(User.created_at).where(User.platform == platform, User.user_id == user_id)
             )
-        return UserStats(
-            messages=counts.get("user", 0),
-            replies=counts.get("bot", 0),
-            conversations=conversations or 0,
-            draws=draws or 0,
-            first_seen=first_seen,
-        )
+            return UserStats(
+                messages=counts.get("user", 0),
+                replies=counts.get("bot", 0),
+                conversations=conversations or 0,
+                draws=draws or 0,
+                first_seen=first_seen,
+            )
+
+        return await self._read(work)
 
     # -- web sessions -----------------------------------------------------------
 
     @_guarded
     async def create_web_session(self, token_hash: str, user_id: str) -> None:
-        async with self._write() as session:
-            session.add(WebSession(token_hash=token_hash, user_id=user_id))
+        await self._write(
+            lambda session: session.add(WebSession(token_hash=token_hash, user_id=user_id))
+        )
 
     @_guarded
     async def web_session_user(self, token_hash: str) -> str | None:
-        async with self._sessions() as session:
-            return await session.scalar(
-                select(WebSession.user_id).where(WebSession.token_hash == token_hash)
-            )
+        query = select(WebSession.user_id).where(WebSession.token_hash == token_hash)
+        return await self._read(lambda session: session.scalar(query))
 
     # -- draws ----------------------------------------------------------------
 
@@ -476,18 +570,16 @@ class Store:
         options: dict[str, Any],
         seed: int | None,
     ) -> None:
-        async with self._write() as session:
-            session.add(
-                Draw(
-                    public_id=public_id,
-                    platform=platform,
-                    chat_id=chat_id,
-                    user_id=user_id,
-                    prompt=prompt,
-                    options=options,
-                    seed=seed,
-                )
-            )
+        draw = Draw(
+            public_id=public_id,
+            platform=platform,
+            chat_id=chat_id,
+            user_id=user_id,
+            prompt=prompt,
+            options=options,
+            seed=seed,
+        )
+        await self._write(lambda session: session.add(draw))
 
     @_guarded
     async def finish_draw(
@@ -510,81 +602,64 @@ class Store:
             values["seed"] = seed
         if options is not None:
             values["options"] = options
-        async with self._write() as session:
-            result = await session.execute(
-                update(Draw).where(Draw.public_id == public_id).values(**values)
-            )
-            return bool(result.rowcount)
+        statement = update(Draw).where(Draw.public_id == public_id).values(**values)
+        return await self._write(lambda session: bool(session.execute(statement).rowcount))
+
+    @staticmethod
+    def _limited_draws(query: Select[Any], platform: str, user_id: str, since: datetime) -> Any:
+        return query.where(
+            Draw.platform == platform,
+            Draw.user_id == user_id,
+            Draw.created_at >= since,
+            Draw.status.in_(LIMITED_DRAW_STATUSES),
+        )
 
     @_guarded
     async def count_draws_since(self, platform: str, user_id: str, since: datetime) -> int:
         """Draws that count against the hourly limit: queued, running, done or
         blocked by the safety checker (not cancelled, failed or refused as busy)."""
-        async with self._sessions() as session:
-            return (
-                await session.scalar(
-                    select(func.count())
-                    .select_from(Draw)
-                    .where(
-                        Draw.platform == platform,
-                        Draw.user_id == user_id,
-                        Draw.created_at >= since,
-                        Draw.status.in_(LIMITED_DRAW_STATUSES),
-                    )
-                )
-                or 0
-            )
+        query = self._limited_draws(
+            select(func.count()).select_from(Draw), platform, user_id, since
+        )
+        return await self._read(lambda session: session.scalar(query) or 0)
 
     @_guarded
     async def draw_times_since(
         self, platform: str, user_id: str, since: datetime
     ) -> list[datetime]:
         """When each draw that counts against the limit (see `count_draws_since`) was made."""
-        async with self._sessions() as session:
-            return list(
-                (
-                    await session.scalars(
-                        select(Draw.created_at)
-                        .where(
-                            Draw.platform == platform,
-                            Draw.user_id == user_id,
-                            Draw.created_at >= since,
-                            Draw.status.in_(LIMITED_DRAW_STATUSES),
-                        )
-                        .order_by(Draw.created_at)
-                    )
-                ).all()
-            )
+        query = self._limited_draws(select(Draw.created_at), platform, user_id, since).order_by(
+            Draw.created_at
+        )
+        return await self._read(lambda session: list(session.scalars(query).all()))
 
     @_guarded
     async def draw_image_path(self, public_id: str) -> str | None:
-        async with self._sessions() as session:
-            return await session.scalar(
-                select(Draw.image_path).where(Draw.public_id == public_id, Draw.status == "done")
-            )
+        query = select(Draw.image_path).where(Draw.public_id == public_id, Draw.status == "done")
+        return await self._read(lambda session: session.scalar(query))
 
     @_guarded
     async def export_draws(self, platform: str, user_id: str) -> list[dict[str, Any]]:
-        async with self._sessions() as session:
-            rows: Sequence[Draw] = (
-                await session.scalars(
-                    select(Draw)
-                    .where(Draw.platform == platform, Draw.user_id == user_id)
-                    .order_by(Draw.id)
-                )
-            ).all()
-        return [
-            {
-                "id": row.public_id,
-                "chat_id": row.chat_id,
-                "prompt": row.prompt,
-                "options": row.options,
-                "seed": row.seed,
-                "status": row.status,
-                "error": row.error,
-                "image": row.image_path,
-                "at": iso(row.created_at),
-                "finished_at": iso(row.finished_at) if row.finished_at else None,
-            }
-            for row in rows
-        ]
+        query = (
+            select(Draw).where(Draw.platform == platform, Draw.user_id == user_id).order_by(Draw.id)
+        )
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            rows: Sequence[Draw] = session.scalars(query).all()
+            return [
+                {
+                    "id": row.public_id,
+                    "chat_id": row.chat_id,
+                    "prompt": row.prompt,
+                    "options": row.options,
+                    "seed": row.seed,
+                    "status": row.status,
+                    "error": row.error,
+                    "image": row.image_path,
+                    "at": iso(row.created_at),
+                    "finished_at": iso(row.finished_at) if row.finished_at else None,
+                }
+                for row in rows
+            ]
+
+        return await self._read(work)
