@@ -176,11 +176,41 @@ class ConversationManager:
                         text=text,
                         platform_message_id=incoming.message_id,
                     )
-                yield Typing()
-                async with (
-                    self._turn_locks.hold(key),
-                    self.store.conversation_lock(key.platform, key.chat_id, key.user_id),
-                ):
+                async with contextlib.aclosing(
+                    self._turn(key, stored, incoming, text, ticket)
+                ) as turn:
+                    async for reply in turn:
+                        yield reply
+            except _Cancelled:
+                yield Notice("Cancelled.", NoticeKind.CANCELLED)
+            except StorageUnavailable as exc:
+                log.warning("storage unavailable: %s", exc)
+                self._count_error("storage")
+                yield Notice(STORAGE_DOWN, NoticeKind.UNAVAILABLE, retry_after=10)
+            except EngineUnavailable as exc:
+                log.warning("text engine unavailable: %s", exc)
+                self._count_error("engine")
+                yield Notice(ENGINE_DOWN, NoticeKind.UNAVAILABLE, retry_after=30)
+
+    async def _turn(
+        self,
+        key: ConversationKey,
+        stored: StoredMessage,
+        incoming: Incoming,
+        text: str,
+        ticket: _Ticket,
+    ) -> AsyncIterator[Reply]:
+        """A committed message's turn: wait for the earlier ones (in this
+        process and, on PostgreSQL, in others), generate, store the reply.
+        However it ends, the turn is marked over before the next one starts."""
+        over = False
+        try:
+            yield Typing()
+            async with (
+                self._turn_locks.hold(key),
+                self.store.conversation_lock(key.platform, key.chat_id, key.user_id, after=stored),
+            ):
+                try:
                     if ticket.event.is_set():
                         raise _Cancelled
                     history = await self.store.history(
@@ -200,22 +230,18 @@ class ConversationManager:
                             yield partial
                     if final is None:
                         raise EngineUnavailable("the engine ended without a reply")
-                    await self._save_reply(stored, incoming, final.text)
-                yield final
-            except _Cancelled:
-                yield Notice("Cancelled.", NoticeKind.CANCELLED)
-            except StorageUnavailable as exc:
-                log.warning("storage unavailable: %s", exc)
-                self._count_error("storage")
-                yield Notice(STORAGE_DOWN, NoticeKind.UNAVAILABLE, retry_after=10)
-            except EngineUnavailable as exc:
-                log.warning("text engine unavailable: %s", exc)
-                self._count_error("engine")
-                yield Notice(ENGINE_DOWN, NoticeKind.UNAVAILABLE, retry_after=30)
+                    over = await self._save_reply(stored, incoming, final.text)
+                finally:
+                    over = over or await self._finish_turn(stored)
+            yield final
+        finally:
+            if not over:  # it never got its turn (cancelled, shut down)
+                await self._finish_turn(stored)
 
-    async def _save_reply(self, stored: StoredMessage, incoming: Incoming, text: str) -> None:
-        """Store the reply; if the database went away meanwhile, the user still
-        gets the answer (their own message is already safe)."""
+    async def _save_reply(self, stored: StoredMessage, incoming: Incoming, text: str) -> bool:
+        """Store the reply (which ends the message's turn); if the database went
+        away meanwhile, the user still gets the answer (their own message is
+        already safe). True when it was stored."""
         try:
             await self.store.add_bot_message(
                 reply_to=stored, platform=incoming.platform, user_id=incoming.user_id, text=text
@@ -223,6 +249,17 @@ class ConversationManager:
         except StorageUnavailable as exc:
             log.warning("a reply could not be stored: %s", exc)
             self._count_error("storage")
+            return False
+        return True
+
+    async def _finish_turn(self, stored: StoredMessage) -> bool:
+        """End a turn that stored no reply, so later messages do not wait for it."""
+        try:
+            await self.store.finish_turn(stored)
+        except StorageUnavailable as exc:
+            log.warning("could not mark message %s's turn over: %s", stored.id, exc)
+            return False
+        return True
 
     def _history_limit(self) -> int:
         # Every stored turn costs at least two tokens (a word and EOS), so more

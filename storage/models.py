@@ -15,6 +15,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -77,6 +78,8 @@ class Message(Base):
     )
     platform_message_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    #: False while a user message waits for or is in its turn (see Store.conversation_lock).
+    turn_done: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
 class Draw(Base):

@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Select, Table, bindparam, delete, func, insert, select, update
@@ -33,6 +34,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.database import create_engine, create_sqlite_sync_engine, migrate
 from storage.models import Conversation, Draw, Message, User, WebSession, utcnow
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -142,6 +145,27 @@ _conversations: Table = Conversation.__table__  # type: ignore[assignment]
 _users: Table = User.__table__  # type: ignore[assignment]
 
 _XACT_LOCK = sql("SELECT pg_advisory_xact_lock(:key)")
+_LOCK = sql("SELECT pg_advisory_lock(:key)")
+_UNLOCK = sql("SELECT pg_advisory_unlock(:key)")
+_FINISH_TURN = (
+    update(_messages).where(_messages.c.id == bindparam("message_id")).values(turn_done=True)
+)
+_EARLIER_TURN_PENDING = (
+    select(_messages.c.id)
+    .where(
+        _messages.c.conversation_id == bindparam("conversation_id"),
+        _messages.c.id < bindparam("message_id"),
+        _messages.c.role == "user",
+        _messages.c.turn_done.is_(False),
+        _messages.c.created_at > bindparam("since"),
+    )
+    .limit(1)
+)
+#: A turn waits at most this long for an earlier message's turn (whose process
+#: may have died) before it goes ahead anyway.
+TURN_WAIT_S = 30.0
+#: Unfinished turns older than this are abandoned and never waited for.
+TURN_ABANDONED_AFTER = timedelta(minutes=10)
 _INSERT_MESSAGE = insert(_messages)
 _INSERT_CONVERSATION = insert(_conversations)
 _ACTIVE_CONVERSATION = (
@@ -333,42 +357,95 @@ class Store:
                 text=text,
                 platform_message_id=platform_message_id,
                 reply_to_id=None,
+                turn_done=False,
             )
 
         return await self._write(work)
 
     @asynccontextmanager
     async def conversation_lock(
-        self, platform: str, chat_id: str, owner: str
+        self, platform: str, chat_id: str, owner: str, *, after: StoredMessage | None = None
     ) -> AsyncIterator[None]:
         """Hold a conversation's turn across processes (PostgreSQL advisory
-        lock on a dedicated connection). SQLite serves a single process, whose
-        in-memory locks already order the turns, so there it is a no-op."""
+        lock on a dedicated connection). With `after`, the turn of that user
+        message also waits until every earlier message of its conversation has
+        had its turn (`finish_turn`): another process may have committed an
+        earlier message yet asked for the lock later. SQLite serves a single
+        process, whose in-memory locks already order the turns: a no-op there."""
         if self.dialect != "postgresql":
             yield
             return
-        key = lock_key(platform, chat_id, owner)
+        key = {"key": lock_key(platform, chat_id, owner)}
         try:
             connection = await self.engine.connect()
-            await connection.execute(sql("SELECT pg_advisory_lock(:key)"), {"key": key})
         except (OperationalError, DBAPIError, OSError) as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
         try:
-            yield
-        finally:
             try:
-                await connection.execute(sql("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                await connection.commit()
+                await connection.execute(_LOCK, key)
+                if after is not None:
+                    await self._wait_for_earlier_turns(connection, key, after)
+            except (OperationalError, DBAPIError, OSError) as exc:
+                raise StorageUnavailable(type(exc).__name__) from exc
+            try:
+                yield
             finally:
-                await connection.close()
+                await connection.execute(_UNLOCK, key)
+                await connection.commit()
+        finally:
+            await connection.close()
+
+    async def _wait_for_earlier_turns(
+        self, connection: Any, key: dict[str, int], message: StoredMessage
+    ) -> None:
+        """With the lock held, make way while an earlier message's turn is
+        not over: unlock, wait a little, lock again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TURN_WAIT_S
+        pause = 0.01
+        while True:
+            pending = await connection.scalar(
+                _EARLIER_TURN_PENDING,
+                {
+                    "conversation_id": message.conversation_id,
+                    "message_id": message.id,
+                    "since": utcnow() - TURN_ABANDONED_AFTER,
+                },
+            )
+            if pending is None:
+                return
+            if loop.time() >= deadline:
+                log.warning(
+                    "message %s goes ahead of unfinished earlier message %s after %.0f s",
+                    message.id,
+                    pending,
+                    TURN_WAIT_S,
+                )
+                return
+            await connection.execute(_UNLOCK, key)
+            await connection.commit()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.2)
+            await connection.execute(_LOCK, key)
+
+    @_guarded
+    async def finish_turn(self, message: StoredMessage) -> None:
+        """Mark a user message's turn over without a stored reply (it failed or
+        was cancelled), so later messages of its conversation stop waiting."""
+        await self._write(
+            lambda session: session.connection().execute(_FINISH_TURN, {"message_id": message.id})
+        )
 
     @_guarded
     async def add_bot_message(
         self, *, reply_to: StoredMessage, platform: str, user_id: str, text: str
     ) -> StoredMessage:
-        return await self._write(
-            lambda session: self._insert_message(
-                session.connection(),
+
+        def work(session: Session) -> StoredMessage:
+            connection = session.connection()
+            connection.execute(_FINISH_TURN, {"message_id": reply_to.id})
+            return self._insert_message(
+                connection,
                 conversation_id=reply_to.conversation_id,
                 platform=platform,
                 user_id=user_id,
@@ -377,7 +454,8 @@ class Store:
                 reply_to_id=reply_to.id,
                 platform_message_id=None,
             )
-        )
+
+        return await self._write(work)
 
     @staticmethod
     def _history_rows(

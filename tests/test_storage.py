@@ -37,7 +37,7 @@ async def test_fresh_database_gets_the_schema(db_url: str) -> None:
     try:
         async with store.engine.connect() as connection:
             version = await connection.scalar(text("SELECT version_num FROM alembic_version"))
-        assert version == "0001"
+        assert version == "0002"
         await store.ping()
     finally:
         await store.close()
