@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,35 @@ async def test_a_turn_left_unfinished_by_a_dead_process_is_waited_for_only_so_lo
     assert replies[-1] == Text("echo: hello", final=True)
     assert engine.prompts == [["lost", "hello"]]
     assert f"unfinished earlier message {orphan.id}" in caplog.text
+
+
+def test_the_migration_keeps_existing_messages_and_marks_their_turns_over(
+    tmp_path: Path,
+) -> None:
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from storage.database import alembic_config
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(
+            text(
+                "INSERT INTO conversations (id, platform, chat_id, owner, active, started_at) "
+                "VALUES (1, 'test', 'c', 'ann', 1, '2026-01-01 00:00:00')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO messages (id, conversation_id, platform, user_id, role, text, "
+                "created_at) VALUES (1, 1, 'test', 'ann', 'user', 'old hello', "
+                "'2026-01-01 00:00:00')"
+            )
+        )
+        command.upgrade(config, "head")
+        row = connection.execute(text("SELECT text, turn_done FROM messages")).one()
+    engine.dispose()
+    assert tuple(row) == ("old hello", 1)
