@@ -41,6 +41,12 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+#: A turn waits at most this long for an earlier message's turn (whose process
+#: may have died) before it goes ahead anyway.
+TURN_WAIT_S = 30.0
+#: Unfinished turns older than this are abandoned and never waited for.
+TURN_ABANDONED_AFTER = timedelta(minutes=10)
+
 #: Draw statuses that count against `[limits] draws_per_hour`.
 LIMITED_DRAW_STATUSES = ("queued", "running", "done", "blocked")
 
@@ -120,22 +126,6 @@ def _stored(row: Message) -> StoredMessage:
     return StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at)
 
 
-def _active(query: Select[Any], platform: str, chat_id: str, owner: str) -> Select[Any]:
-    """Narrow a query to a conversation key's active (newest open) thread."""
-    return (
-        query.where(
-            Conversation.platform == platform,
-            Conversation.chat_id == chat_id,
-            Conversation.owner == owner,
-            Conversation.active.is_(True),
-        )
-        .order_by(Conversation.id.desc())
-        .limit(1)
-    )
-
-
-_turn_order = func.coalesce(Message.reply_to_id, Message.id)
-
 # The message path runs for every message, so its statements are built once,
 # on the Core tables, with bound parameters: SQLAlchemy then reuses their
 # compiled form and cache keys instead of rebuilding them per message, and no
@@ -161,11 +151,6 @@ _EARLIER_TURN_PENDING = (
     )
     .limit(1)
 )
-#: A turn waits at most this long for an earlier message's turn (whose process
-#: may have died) before it goes ahead anyway.
-TURN_WAIT_S = 30.0
-#: Unfinished turns older than this are abandoned and never waited for.
-TURN_ABANDONED_AFTER = timedelta(minutes=10)
 _INSERT_MESSAGE = insert(_messages)
 _INSERT_CONVERSATION = insert(_conversations)
 _ACTIVE_CONVERSATION = (
@@ -179,7 +164,8 @@ _ACTIVE_CONVERSATION = (
     .order_by(_conversations.c.id.desc())
     .limit(1)
 )
-_core_turn_order = func.coalesce(_messages.c.reply_to_id, _messages.c.id)
+#: A reply sorts right after the message it answers.
+_turn_order = func.coalesce(_messages.c.reply_to_id, _messages.c.id)
 _HISTORY_COLUMNS = select(
     _messages.c.id,
     _messages.c.conversation_id,
@@ -187,10 +173,10 @@ _HISTORY_COLUMNS = select(
     _messages.c.text,
     _messages.c.created_at,
 ).where(_messages.c.conversation_id == bindparam("conversation_id"))
-_HISTORY_ORDER = (_core_turn_order.desc(), _messages.c.id.desc())
+_HISTORY_ORDER = (_turn_order.desc(), _messages.c.id.desc())
 _HISTORY = _HISTORY_COLUMNS.order_by(*_HISTORY_ORDER).limit(bindparam("limit"))
 _HISTORY_BEFORE = (
-    _HISTORY_COLUMNS.where(_core_turn_order < bindparam("before_id"))
+    _HISTORY_COLUMNS.where(_turn_order < bindparam("before_id"))
     .order_by(*_HISTORY_ORDER)
     .limit(bindparam("limit"))
 )

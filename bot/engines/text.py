@@ -58,7 +58,6 @@ class LocalTextEngine:
         self.model: Any = None
         self.device: Any = None
         self.prompt_budget = config.max_history_tokens
-        self.batches = 0
         #: rows in each recent decode step (the decoder keeps running totals)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
 
@@ -266,7 +265,6 @@ class LocalTextEngine:
         self._observe_queue()
         if not requests:
             return
-        self.batches += 1
         try:
             self._decoder.run(requests, admit=admit)
         except Exception as exc:
