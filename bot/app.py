@@ -62,7 +62,7 @@ class BotApp:
     async def _start_drawer(self) -> Any:
         if not self.config.draw.enabled:
             return None
-        from bot.drawing import DrawService
+        from bot.draw.service import DrawService
 
         assert self.store is not None
         drawer = DrawService(self.config, self.store, metrics=self.metrics)

@@ -39,7 +39,7 @@ INTERNAL_ERROR = "Something went wrong on my side. Please try again."
 
 
 class DrawService(Protocol):
-    """What the manager needs from `/draw` (see bot.drawing)."""
+    """What the manager needs from `/draw` (see bot.draw.service)."""
 
     def handle(self, incoming: Incoming, args: str) -> AsyncIterator[Reply]: ...
 

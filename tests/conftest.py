@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bot.config import Config, load_config
-from bot.tiny_models import build_tiny_gpt2
+from bot.testing.tiny_models import build_tiny_gpt2
 
 # Tiny models on a small shared CPU run many times faster on one thread than
 # with threads fighting over the cores; subprocesses get the same through env.

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from bot.app import BotApp
-from bot.bench_report import format_report
-from bot.bench_workloads import converse
+from bot.bench.report import format_report
+from bot.bench.workloads import converse
 from bot.cli import main
 from bot.config import Config
-from bot.tiny_models import sample_lines
+from bot.testing.tiny_models import sample_lines
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -128,7 +128,7 @@ async def test_int8_quantization_leaves_a_working_model(make_config: Callable[..
 
 def test_int8_keeps_held_out_perplexity_close(tiny_model_dir: Path) -> None:
     pytest.importorskip("bot.training.evaluate")
-    from bot.bench_workloads import perplexity_of
+    from bot.bench.workloads import perplexity_of
     from bot.config import TextSection
     from bot.engines.loading import load_causal_lm
 

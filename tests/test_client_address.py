@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from multidict import CIMultiDict
 
-from adapters.client_address import ClientAddress
+from adapters.web.client_address import ClientAddress
 
 
 def request(peer: str | None, *forwarded: str) -> SimpleNamespace:

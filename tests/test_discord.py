@@ -13,13 +13,13 @@ from typing import Any
 
 import discord
 import pytest
-from fakes.discord_server import FakeDiscord, Recorded
+from support.fakes.discord_server import FakeDiscord, Recorded
 
-import adapters.discord as discord_adapter
+import adapters.discord.channel as discord_adapter
 from adapters.discord import DiscordChannel
-from adapters.discord_commands import draw_text
-from adapters.discord_render import render
-from adapters.discord_routing import DEFAULT_API_BASE, Endpoints
+from adapters.discord.commands import draw_text
+from adapters.discord.outbound import render
+from adapters.discord.routing import DEFAULT_API_BASE, Endpoints
 from bot.app import StartupError, serve
 from bot.config import Config
 from bot.messages import Image, Incoming, Notice, NoticeKind, Reply, Text, Typing
@@ -315,7 +315,7 @@ async def test_a_long_reply_is_split_whole_and_pings_nobody(
 
 
 class StubDrawer:
-    """Stands in for bot.drawing: a queue notice, its update, then a picture."""
+    """Stands in for bot.draw.service: a queue notice, its update, then a picture."""
 
     def __init__(self) -> None:
         self.args: list[str] = []
@@ -491,7 +491,7 @@ def test_endpoints_rebase_rest_and_gateway_urls() -> None:
 def test_routing_is_per_client_not_global(fake: FakeDiscord) -> None:
     from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
-    from adapters.discord_routing import route_http
+    from adapters.discord.routing import route_http
 
     assert discord.http.Route.BASE == DEFAULT_API_BASE
     assert type(async_context.get()) is AsyncWebhookAdapter

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from bot.config import Config, load_config
-from bot.drawing import DrawService
+from bot.draw.service import DrawService
 from bot.engines.image import ImageEngine, load_pipeline
 from bot.messages import Image, Incoming, Notice, NoticeKind, Reply, Text
-from bot.tiny_diffusion import TINY_DRAW_SETTINGS, build_tiny_diffusion
+from bot.testing.tiny_diffusion import TINY_DRAW_SETTINGS, build_tiny_diffusion
 from storage import Store
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from bot.config import DrawSection
-from bot.draw_options import (
+from bot.draw.options import (
     USAGE,
     DrawOptions,
     DrawUsageError,

@@ -15,7 +15,7 @@ from bot.config import Config
 from bot.manager import ConversationManager
 from bot.messages import Incoming, Notice, NoticeKind, Reply, Text, Typing
 from storage import StorageUnavailable, Store
-from tests.engine_doubles import ScriptedEngine, jitter
+from support.engine_doubles import ScriptedEngine, jitter
 
 
 @pytest.fixture

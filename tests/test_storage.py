@@ -171,7 +171,7 @@ async def test_two_processes_keep_one_conversation_in_order(postgres_url: str) -
     from bot.config import Config
     from bot.manager import ConversationManager
     from bot.messages import Incoming
-    from tests.engine_doubles import ScriptedEngine, jitter
+    from support.engine_doubles import ScriptedEngine, jitter
 
     config = Config.model_validate(
         {"storage": {"url": postgres_url}, "limits": {"messages_per_minute": 0}}

@@ -21,13 +21,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from engine_doubles import ScriptedEngine
-from fakes.telegram_server import FakeBotApi
+from support.engine_doubles import ScriptedEngine
+from support.fakes.telegram_server import FakeBotApi
 
-import adapters.telegram_outbound as outbound
+import adapters.telegram.outbound as outbound
 from adapters.splitting import split_message
 from adapters.telegram import TEXT_ONLY, TelegramChannel
-from adapters.telegram_outbound import PacedRateLimiter, ReplyOrder
+from adapters.telegram.outbound import PacedRateLimiter, ReplyOrder
 from bot.app import BotApp, StartupError, serve
 from bot.channels import Services
 from bot.commands import COMMANDS

@@ -17,7 +17,7 @@ from bot.engines import EngineUnavailable
 from bot.engines.decoding import BatchDecoder
 from bot.engines.prompt import encode_dialogue, encode_turn
 from bot.engines.text import LocalTextEngine
-from bot.tiny_models import sample_lines
+from bot.testing.tiny_models import sample_lines
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from bot.cli import main
 from bot.config import TextSection
 from bot.engines import EngineUnavailable
 from bot.engines.prompt import encode_dialogue
-from bot.tiny_models import sample_lines
+from bot.testing.tiny_models import sample_lines
 from bot.training import data as data_mod
 from bot.training import trainer as trainer_mod
 from bot.training.trainer import TrainOptions, train

@@ -13,7 +13,7 @@ from bot.config import Config
 from bot.manager import ConversationManager
 from bot.messages import Incoming, Text, Typing
 from storage import Store
-from tests.engine_doubles import ScriptedEngine
+from support.engine_doubles import ScriptedEngine
 
 
 class SlowToLock(Store):

@@ -21,8 +21,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from engine_doubles import ScriptedEngine
-from web_support import PictureDrawer, parse_sse
+from support.engine_doubles import ScriptedEngine
+from support.web_support import PictureDrawer, parse_sse
 
 from adapters.web import WebChannel
 from bot.app import BotApp

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from web_support import PictureDrawer
+from support.web_support import PictureDrawer
 
 from adapters.web import WebChannel, token_hash
 from bot.app import BotApp

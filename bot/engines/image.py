@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import DrawSection
-from bot.draw_options import DrawSettings
+from bot.draw.options import DrawSettings
 from bot.engines import EngineUnavailable
 from bot.engines.loading import hub_reachable, looks_local, resolve_device
 
@@ -99,7 +99,7 @@ def model_missing_message(name: str) -> str:
     if looks_local(name):
         return (
             f"draw.model {name!r} does not exist: set draw.model to a diffusers model directory "
-            f"or a Hugging Face hub id (`python -m bot.tiny_diffusion DIR` builds a tiny test one)"
+            f"or a Hugging Face hub id (`python -m bot.testing.tiny_diffusion DIR` builds a tiny test one)"
         )
     return (
         f"draw.model {name!r} could not be loaded from the Hugging Face hub (no network?): "

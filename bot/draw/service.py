@@ -1,6 +1,6 @@
 """`/draw`: the service the conversation manager calls.
 
-For each request: parse and clamp the options (bot.draw_options), check the
+For each request: parse and clamp the options (bot.draw.options), check the
 per-user hourly limit (counted in the store, so it survives restarts) and the
 queue, record the draw, queue it on the image engine, and turn the engine's
 events into replies: a queue-position / progress notice (one `ref` per draw,
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import Config
-from bot.draw_options import DrawUsageError, parse_draw_args, resolve
+from bot.draw.options import DrawUsageError, parse_draw_args, resolve
 from bot.engines.image import (
     CANCELLED,
     DONE,

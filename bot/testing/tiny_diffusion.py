@@ -7,7 +7,7 @@ DDIM scheduler, and saves them with `save_pretrained`, so `[draw] model =
 The pictures are coloured noise, but they are real PNGs, deterministic by
 seed, and a 64x64, 2-step draw takes well under a second on a CPU:
 
-    python -m bot.tiny_diffusion models/tiny-sd
+    python -m bot.testing.tiny_diffusion models/tiny-sd
     AIGC_BOT__DRAW__MODEL=models/tiny-sd AIGC_BOT__DRAW__DEFAULT_STEPS=2 \
     AIGC_BOT__DRAW__DEFAULT_WIDTH=64 AIGC_BOT__DRAW__DEFAULT_HEIGHT=64 aigc-bot chat
 """
@@ -155,7 +155,7 @@ def build_tiny_diffusion(path: str | Path, *, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m bot.tiny_diffusion DIRECTORY", file=sys.stderr)
+        print("usage: python -m bot.testing.tiny_diffusion DIRECTORY", file=sys.stderr)
         return 2
     print(build_tiny_diffusion(args[0]))
     return 0

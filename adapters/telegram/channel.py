@@ -36,7 +36,7 @@ from telegram.constants import ChatType, MessageEntityType
 from telegram.error import Forbidden, InvalidToken, TelegramError
 from telegram.ext import Application, ContextTypes, TypeHandler
 
-from adapters.telegram_outbound import Destination, PacedRateLimiter, ReplyOrder, ReplyWriter, Turn
+from adapters.telegram.outbound import Destination, PacedRateLimiter, ReplyOrder, ReplyWriter, Turn
 from bot.app import StartupError
 from bot.channels import Handler, Services, platform_token
 from bot.commands import COMMANDS, parse_command

@@ -128,7 +128,7 @@ def add_subcommand(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bot.bench_report import format_report, write_plot
+    from bot.bench.report import format_report, write_plot
     from bot.config import load_config
     from bot.logging_setup import setup_logging
 
@@ -186,7 +186,7 @@ def resolve_model(requested: str | None, config: Config, workdir: Path) -> tuple
         return requested, "--model"
     name = config.text.model
     if looks_local(name) and not Path(name).expanduser().is_dir():
-        from bot.tiny_models import build_tiny_gpt2
+        from bot.testing.tiny_models import build_tiny_gpt2
 
         path = build_tiny_gpt2(workdir / "tiny-gpt2")
         return str(path), f"tiny test model ({name} is missing)"
@@ -197,7 +197,7 @@ def user_scripts(dialogues: list[list[str]], users: int, turns: int) -> list[lis
     """`turns` messages for each user: the first speaker's turns of one held-out
     dialogue each, cycled, at most 160 characters (cut at a word)."""
     if not dialogues:
-        from bot.tiny_models import sample_lines
+        from bot.testing.tiny_models import sample_lines
 
         lines = sample_lines()
         return [
@@ -252,7 +252,7 @@ async def run_bench(base: Config, plan: Plan, *, progress: bool = False) -> dict
         workdir = Path(tmp)
         model, chosen = await asyncio.to_thread(resolve_model, plan.model, base, workdir)
         wanted = max(max(plan.users), plan.overhead_users, plan.int8_users, plan.heldout_dialogues)
-        from bot.bench_workloads import heldout_dialogues
+        from bot.bench.workloads import heldout_dialogues
 
         dialogues, source = await asyncio.to_thread(heldout_dialogues, model, wanted)
         scripts = user_scripts(dialogues, wanted, max(plan.turns, plan.overhead_turns))
@@ -291,7 +291,7 @@ async def _serving(
 ) -> dict[str, Any]:
     """Baseline and ours for every user count, back to back on one loaded model."""
     from bot.app import BotApp
-    from bot.bench_workloads import GenerateBot, baseline_converse, converse, mask_eos
+    from bot.bench.workloads import GenerateBot, baseline_converse, converse, mask_eos
     from bot.engines.loading import load_causal_lm
 
     config = bench_config(base, model, workdir / "serving.db", max_new_tokens=new_tokens)
@@ -364,7 +364,7 @@ async def _turn_latency(
     ours and the baseline in turn; the median latency of every turn."""
     from statistics import median
 
-    from bot.bench_workloads import baseline_converse, converse
+    from bot.bench.workloads import baseline_converse, converse
 
     ours, base = [], []
     bar.phase("turn latency")
@@ -398,7 +398,7 @@ async def _overhead(
     """The manager + storage cost of a message, with an engine that answers at once:
     first one message at a time, then `overhead_users` users at once."""
     from bot.app import BotApp
-    from bot.bench_workloads import InstantEngine, converse, percentile
+    from bot.bench.workloads import InstantEngine, converse, percentile
 
     config = bench_config(base, model, workdir / "overhead.db")
     users, turns = plan.overhead_users, plan.overhead_turns
@@ -447,7 +447,7 @@ async def _int8(
     import torch
 
     from bot.app import BotApp
-    from bot.bench_workloads import converse, mask_eos, perplexity_of
+    from bot.bench.workloads import converse, mask_eos, perplexity_of
 
     if "fbgemm" not in torch.backends.quantized.supported_engines and (
         "x86" not in torch.backends.quantized.supported_engines

@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-from adapters.client_address import ClientAddress
-from adapters.web_http import (
+from adapters.web.client_address import ClientAddress
+from adapters.web.http import (
     LASTING,
     CorsPolicy,
     EventStream,

@@ -4,13 +4,13 @@
 (an `AutoShardedClient` when `shard_count` is "auto" or above 1) with only the
 intents it needs — guilds, guild and DM messages, message content — routes
 its REST calls and gateway through `api_base_url` / `gateway_url` (see
-adapters.discord_routing), syncs the slash commands in `setup_hook`, and
+adapters.discord.routing), syncs the slash commands in `setup_hook`, and
 returns once the gateway has said READY.
 
 Which messages are for the bot (DMs, mentions, replies to it, `respond_to`,
-the `channels` allow-list) is decided in adapters.discord_addressing; slash
-commands are defined in adapters.discord_commands; replies are rendered by
-adapters.discord_render. Each message and slash command is handled in its own
+the `channels` allow-list) is decided in adapters.discord.addressing; slash
+commands are defined in adapters.discord.commands; replies are rendered by
+adapters.discord.outbound. Each message and slash command is handled in its own
 task, so one slow answer or one failing event never holds up or kills the
 others.
 
@@ -30,10 +30,10 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from adapters.discord_addressing import Addressing
-from adapters.discord_commands import build_command_tree
-from adapters.discord_render import NO_MENTIONS, InteractionTarget, MessageTarget, render
-from adapters.discord_routing import Endpoints, RebasedWebhookAdapter, route_http
+from adapters.discord.addressing import Addressing
+from adapters.discord.commands import build_command_tree
+from adapters.discord.outbound import NO_MENTIONS, InteractionTarget, MessageTarget, render
+from adapters.discord.routing import Endpoints, RebasedWebhookAdapter, route_http
 from bot.app import StartupError
 from bot.channels import Services, platform_token
 from bot.config import DiscordSection
