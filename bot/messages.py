@@ -1,7 +1,8 @@
 """The contract between platform adapters and the conversation manager.
 
 Adapters translate platform events into `Incoming` and render the `Reply`
-values the manager yields; nothing else crosses that boundary.
+values the manager yields (on the request path, or pushed later to an
+`Address`); nothing else crosses that boundary.
 """
 
 from __future__ import annotations
@@ -23,6 +24,42 @@ class Incoming:
     message_id: str | None = None
     is_private: bool = True
     addressed: bool = True
+    #: Telegram forum topic (or another platform's sub-thread) the message came from.
+    thread_id: str = ""
+
+    @property
+    def address(self) -> Address:
+        """Where replies to this message go on its platform."""
+        return Address(self.platform, self.chat_id, self.user_id, self.thread_id)
+
+    @property
+    def sender(self) -> str:
+        """`<platform>:<user id>`, the form config lists use."""
+        return f"{self.platform}:{self.user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A place on a platform that replies can be pushed to at any time:
+    the chat (Telegram chat id, Discord channel id, web session user id), the
+    person, and a sub-thread. Stored with each conversation."""
+
+    platform: str
+    chat_id: str
+    user_id: str = ""
+    thread_id: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"chat_id": self.chat_id, "user_id": self.user_id, "thread_id": self.thread_id}
+
+    @classmethod
+    def from_dict(cls, platform: str, data: dict[str, str]) -> Address:
+        return cls(
+            platform,
+            str(data.get("chat_id", "")),
+            str(data.get("user_id", "")),
+            str(data.get("thread_id", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +87,47 @@ class Typing:
 
 
 @dataclass(frozen=True, slots=True)
+class Source:
+    """Where a reply came from: the dialogue `model`, an `faq` entry (`id`),
+    a `suggestion` of FAQ entries (`ids`), or an `operator`."""
+
+    kind: Literal["model", "faq", "suggestion", "operator"]
+    id: str = ""
+    ids: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        if self.kind == "faq":
+            return {"kind": "faq", "id": self.id}
+        if self.kind == "suggestion":
+            return {"kind": "suggestion", "ids": list(self.ids)}
+        return {"kind": self.kind}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object] | None) -> Source | None:
+        if not data or data.get("kind") not in ("model", "faq", "suggestion", "operator"):
+            return None
+        ids = data.get("ids")
+        return cls(
+            kind=data["kind"],  # type: ignore[arg-type]
+            id=str(data.get("id", "")),
+            ids=tuple(str(i) for i in ids) if isinstance(ids, list) else (),
+        )
+
+
+MODEL = Source("model")
+
+
+@dataclass(frozen=True, slots=True)
 class Text:
     """Reply text. `final=False` marks a partial text while streaming; each
-    partial holds the whole text so far, so an adapter may edit in place."""
+    partial holds the whole text so far, so an adapter may edit in place.
+    `role` is "bot" or "operator" (then `author` names the person)."""
 
     text: str
     final: bool = True
+    source: Source | None = None
+    role: Literal["bot", "operator"] = "bot"
+    author: str = ""
 
 
 @dataclass(frozen=True, slots=True)

