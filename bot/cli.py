@@ -56,13 +56,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = _load(args)
 
     async def export(store: Any) -> dict[str, Any]:
-        conversations = await store.export_user(args.platform, args.user)
+        conversations = await store.people.export(args.platform, args.user)
         document: dict[str, Any] = {
             "platform": args.platform,
             "user_id": args.user,
             "conversations": [conversation.as_dict() for conversation in conversations],
         }
-        draws = await store.export_draws(args.platform, args.user)
+        draws = await store.draws.export(args.platform, args.user)
         if draws:
             document["draws"] = draws
         return document
@@ -78,7 +78,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     config = _load(args)
     result = asyncio.run(
-        _with_store(config, lambda store: store.forget_user(args.platform, args.user))
+        _with_store(config, lambda store: store.people.forget(args.platform, args.user))
     )
     for path in result.image_paths:
         Path(path).unlink(missing_ok=True)
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_optional(sub, "bot.training.cli", "add_subcommands")
     _add_optional(sub, "bot.bench", "add_subcommand")
+    _add_optional(sub, "bot.knowledge.cli", "add_subcommands")
     return parser
 
 

@@ -167,7 +167,7 @@ class ConversationManager:
         with self._ticket(incoming) as ticket:
             try:
                 async with self._admit_locks.hold(key):
-                    stored = await self.store.add_user_message(
+                    stored = await self.store.conversations.add_user_message(
                         platform=key.platform,
                         chat_id=key.chat_id,
                         owner=key.user_id,
@@ -213,7 +213,7 @@ class ConversationManager:
                 try:
                     if ticket.event.is_set():
                         raise _Cancelled
-                    history = await self.store.history(
+                    history = await self.store.conversations.history(
                         stored.conversation_id, before_id=stored.id, limit=self._history_limit()
                     )
                     turns = [message.text for message in history] + [text]
@@ -243,7 +243,7 @@ class ConversationManager:
         away meanwhile, the user still gets the answer (their own message is
         already safe). True when it was stored."""
         try:
-            await self.store.add_bot_message(
+            await self.store.conversations.add_bot_message(
                 reply_to=stored, platform=incoming.platform, user_id=incoming.user_id, text=text
             )
         except StorageUnavailable as exc:
@@ -255,7 +255,7 @@ class ConversationManager:
     async def _finish_turn(self, stored: StoredMessage) -> bool:
         """End a turn that stored no reply, so later messages do not wait for it."""
         try:
-            await self.store.finish_turn(stored)
+            await self.store.conversations.finish_turn(stored)
         except StorageUnavailable as exc:
             log.warning("could not mark message %s's turn over: %s", stored.id, exc)
             return False
@@ -362,7 +362,7 @@ class ConversationManager:
     async def _reset(self, incoming: Incoming) -> str:
         key = ConversationKey.for_message(incoming, self.config.bot.history_scope)
         async with self._admit_locks.hold(key), self._turn_locks.hold(key):
-            await self.store.reset(key.platform, key.chat_id, key.user_id)
+            await self.store.conversations.reset(key.platform, key.chat_id, key.user_id)
         return (
             "Started a new conversation. I won't remember what we said before "
             "(it's still stored; /forget deletes it)."
@@ -370,7 +370,7 @@ class ConversationManager:
 
     async def _forget(self, incoming: Incoming) -> str:
         self._cancel(incoming)
-        result = await self.store.forget_user(incoming.platform, incoming.user_id)
+        result = await self.store.people.forget(incoming.platform, incoming.user_id)
         await asyncio.to_thread(_remove_files, result.image_paths)
         return (
             f"Done: I deleted everything I had stored about you "
@@ -378,7 +378,7 @@ class ConversationManager:
         )
 
     async def _stats(self, incoming: Incoming) -> str:
-        stats = await self.store.user_stats(incoming.platform, incoming.user_id)
+        stats = await self.store.people.stats(incoming.platform, incoming.user_id)
         since = f" since {stats.first_seen:%Y-%m-%d}" if stats.first_seen else ""
         return (
             f"Your usage{since}: {stats.messages} messages, {stats.replies} replies, "

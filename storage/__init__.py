@@ -1,23 +1,24 @@
-"""Persistence: SQLAlchemy 2 async models, the store API and Alembic migrations.
+"""Persistence: SQLAlchemy 2 models, the store API and Alembic migrations.
 
-This package knows nothing of the bot; it stores users, conversations,
-messages, draws and web sessions.
+This package knows nothing of the bot: it keeps primitives (store a message,
+end a turn, count draws with these statuses) and leaves policy to `bot`.
 """
 
-from storage.store import (
-    ExportedConversation,
-    ForgetResult,
-    StorageUnavailable,
-    Store,
-    StoredMessage,
-    UserStats,
-)
+from storage.base import StorageUnavailable, aware, iso
+from storage.conversations import Intake, PendingTurn, StoredMessage, TurnLock
+from storage.people import ExportedConversation, ForgetResult, UserStats
+from storage.store import Store
 
 __all__ = [
     "ExportedConversation",
     "ForgetResult",
+    "Intake",
+    "PendingTurn",
     "StorageUnavailable",
     "Store",
     "StoredMessage",
+    "TurnLock",
     "UserStats",
+    "aware",
+    "iso",
 ]

@@ -23,7 +23,9 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK_ID = 0x41494743  # "AIGC"
 
 
-def create_engine(url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, busy_timeout_ms: int = 5000, echo: bool = False, pool_timeout_s: float = 30
+) -> AsyncEngine:
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo}
     if parsed.get_backend_name() == "sqlite":
@@ -31,7 +33,11 @@ def create_engine(url: str, *, busy_timeout_ms: int = 5000, echo: bool = False) 
     else:
         # Each conversation that is generating holds one connection for its
         # advisory lock (see Store.conversation_lock), so allow plenty.
-        kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=30)
+        # pre-ping: a connection that died with a database restart is replaced
+        # instead of failing the next request.
+        kwargs.update(
+            pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=pool_timeout_s
+        )
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         _add_sqlite_pragmas(engine.sync_engine, busy_timeout_ms)

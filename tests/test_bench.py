@@ -90,7 +90,7 @@ async def test_concurrent_users_get_their_own_replies(make_config: Callable[...,
 
         for user, script in enumerate(scripts):
             name = f"u-{user}"
-            history = await app.store.active_history("bench", name, name)
+            history = await app.store.conversations.active_history("bench", name, name)
             assert [m.role for m in history] == ["user", "bot"] * 3
             assert [m.text for m in history if m.role == "user"] == script
             # each stored reply is the one its own dialogue gets when decoded alone

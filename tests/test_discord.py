@@ -143,7 +143,7 @@ async def test_mention_in_a_guild_channel_is_answered_there_as_a_reply(
 
     store = await Store.open(config.storage.url)
     try:
-        [conversation] = await store.export_user("discord", fake.human["id"])
+        [conversation] = await store.people.export("discord", fake.human["id"])
     finally:
         await store.close()
     assert conversation.chat_id == str(fake.channel_id)
@@ -185,9 +185,9 @@ async def test_messages_not_addressed_to_the_bot_are_ignored(
 
     store = await Store.open(make_config().storage.url)
     try:
-        exported = await store.export_user("discord", fake.human["id"])
+        exported = await store.people.export("discord", fake.human["id"])
         assert [m.text for c in exported for m in c.messages if m.role == "user"] == ["and now?"]
-        assert await store.export_user("discord", fake.other_bot["id"]) == []
+        assert await store.people.export("discord", fake.other_bot["id"]) == []
     finally:
         await store.close()
 

@@ -172,7 +172,7 @@ async def services(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def draw_row(service: DrawService, user: str) -> list[dict[str, Any]]:
-    return await service.store.export_draws("test", user)
+    return await service.store.draws.export("test", user)
 
 
 # -- pictures from the real engine ------------------------------------------------------
@@ -270,7 +270,7 @@ async def test_out_of_memory_in_the_real_pipeline_is_a_notice_and_the_next_draw_
         assert "out of GPU memory" in notice.text and "--size" in notice.text
         image = await Replies(service.handle(incoming(), "a cat --seed 1")).last()
         assert isinstance(image, Image) and image.png.startswith(PNG_SIGNATURE)
-        rows = await store.export_draws("test", "ann")
+        rows = await store.draws.export("test", "ann")
         assert [(row["status"], row["error"]) for row in rows] == [
             ("failed", "out of memory"),
             ("done", None),
@@ -586,8 +586,8 @@ async def test_forget_deletes_the_pictures_too(drawing_app: Any) -> None:
     answer = (await ask(drawing_app, "/forget"))[-1]
     assert isinstance(answer, Text) and "1 pictures" in answer.text
     assert file_bytes(image.path) is None
-    assert await drawing_app.store.export_draws("test", "ann") == []
-    assert await drawing_app.store.draw_image_path(image.draw_id) is None
+    assert await drawing_app.store.draws.export("test", "ann") == []
+    assert await drawing_app.store.draws.image_path(image.draw_id) is None
 
 
 async def test_cancel_command_drops_a_queued_draw(drawing_app: Any) -> None:
@@ -643,7 +643,7 @@ async def test_the_png_reaches_the_web_api(drawing_app: Any) -> None:
                 assert response.headers["Content-Type"] == "image/png"
                 body = await response.read()
             assert body.startswith(PNG_SIGNATURE)
-            path = await drawing_app.store.draw_image_path(draw_id)
+            path = await drawing_app.store.draws.image_path(draw_id)
             assert file_bytes(path) == body
             async with http.get(f"{base}/media/{'x' * 22}.png") as response:
                 assert response.status == 404

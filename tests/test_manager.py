@@ -58,7 +58,7 @@ async def test_a_message_is_stored_answered_and_the_answer_stored(
         "echo: hello",
     ]
     assert final_text(collected) == "echo: hello there"
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     assert [(m.role, m.text) for m in exported[0].messages] == [
         ("user", "hello there"),
         ("bot", "echo: hello there"),
@@ -95,7 +95,7 @@ async def test_twenty_messages_at_once_are_answered_and_stored_in_order(
         for earlier in texts[:index]:
             expected += [earlier, f"echo: {earlier}"]
         assert prompt == [*expected, texts[index]]
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     stored = [m.text for m in exported[0].messages]
     assert stored == [x for t in texts for x in (t, f"echo: {t}")]
 
@@ -197,7 +197,7 @@ async def test_odd_unicode_round_trips(config: Config, store: Store) -> None:
     text = "héllo 👋🏽 مرحبا \u200b 你好 \U0001f600 e\u0301"
     collected = await replies(ConversationManager(config, store, ScriptedEngine()), message(text))
     assert final_text(collected) == f"echo: {text}"
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     assert exported[0].messages[0].text == text
 
 
@@ -214,7 +214,7 @@ async def test_commands(config: Config, store: Store) -> None:
     await replies(manager, message("new topic"))
     assert engine.prompts[-1] == ["new topic"]
     assert "4 messages" in final_text(await replies(manager, message("/forget")))
-    assert await store.export_user("test", "ann") == []
+    assert await store.people.export("test", "ann") == []
     assert engine.prompts.count(["/start"]) == 0  # commands never reach the model
 
 
@@ -230,7 +230,7 @@ async def test_cancel_drops_a_running_request(config: Config, store: Store) -> N
         collected = await task
         assert any(isinstance(r, Notice) and r.kind == NoticeKind.CANCELLED for r in collected)
     # Both messages were accepted and stay stored; no reply was stored.
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     assert [m.role for c in exported for m in c.messages] == ["user", "user"]
     assert (
         final_text(await replies(manager, message("/cancel")))
@@ -257,7 +257,7 @@ async def test_engine_down_keeps_the_message_and_says_so(config: Config, store: 
     collected = await replies(manager, message("are you there?"))
     notice = collected[-1]
     assert isinstance(notice, Notice) and notice.kind == NoticeKind.UNAVAILABLE
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     assert [m.text for m in exported[0].messages] == ["are you there?"]
 
 
@@ -345,5 +345,5 @@ async def test_a_reply_that_cannot_be_stored_still_reaches_the_user(
 
     manager = ConversationManager(config, ReplyStoreDown(store), ScriptedEngine())  # type: ignore[arg-type]
     assert final_text(await replies(manager, message("still there?"))) == "echo: still there?"
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     assert [m.text for m in exported[0].messages] == ["still there?"]

@@ -22,7 +22,7 @@ async def store(db_url: str):
 
 
 async def _say(store: Store, user: str, text: str, chat: str = "c1", owner: str | None = None):
-    return await store.add_user_message(
+    return await store.conversations.add_user_message(
         platform="test",
         chat_id=chat,
         owner=user if owner is None else owner,
@@ -57,14 +57,14 @@ async def test_sqlite_uses_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> 
 async def test_history_is_in_turn_order_and_bounded(store: Store) -> None:
     first = await _say(store, "ann", "hello")
     second = await _say(store, "ann", "are you there?")
-    await store.add_bot_message(reply_to=first, platform="test", user_id="ann", text="hi ann")
-    await store.add_bot_message(reply_to=second, platform="test", user_id="ann", text="yes")
-    history = await store.history(first.conversation_id)
+    await store.conversations.add_bot_message(reply_to=first, platform="test", user_id="ann", text="hi ann")
+    await store.conversations.add_bot_message(reply_to=second, platform="test", user_id="ann", text="yes")
+    history = await store.conversations.history(first.conversation_id)
     assert [m.text for m in history] == ["hello", "hi ann", "are you there?", "yes"]
     # What came before the second message: the first exchange only.
-    before = await store.history(first.conversation_id, before_id=second.id)
+    before = await store.conversations.history(first.conversation_id, before_id=second.id)
     assert [m.text for m in before] == ["hello", "hi ann"]
-    assert [m.text for m in await store.history(first.conversation_id, limit=2)] == [
+    assert [m.text for m in await store.conversations.history(first.conversation_id, limit=2)] == [
         "are you there?",
         "yes",
     ]
@@ -74,18 +74,18 @@ async def test_users_do_not_see_each_other(store: Store) -> None:
     ann = await _say(store, "ann", "I'm Ann")
     bob = await _say(store, "bob", "I'm Bob")
     assert ann.conversation_id != bob.conversation_id
-    exported = await store.export_user("test", "ann")
+    exported = await store.people.export("test", "ann")
     assert [[m.text for m in c.messages] for c in exported] == [["I'm Ann"]]
 
 
 async def test_shared_chat_history_and_per_person_export(store: Store) -> None:
     ann = await _say(store, "ann", "hi all", owner="")
-    await store.add_bot_message(reply_to=ann, platform="test", user_id="ann", text="hi Ann")
+    await store.conversations.add_bot_message(reply_to=ann, platform="test", user_id="ann", text="hi Ann")
     bob = await _say(store, "bob", "hello", owner="")
     assert ann.conversation_id == bob.conversation_id
-    history = await store.history(bob.conversation_id)
+    history = await store.conversations.history(bob.conversation_id)
     assert [m.text for m in history] == ["hi all", "hi Ann", "hello"]
-    ann_export = await store.export_user("test", "ann")
+    ann_export = await store.people.export("test", "ann")
     assert [(m.role, m.text) for m in ann_export[0].messages] == [
         ("user", "hi all"),
         ("bot", "hi Ann"),
@@ -98,18 +98,18 @@ async def test_shared_chat_history_and_per_person_export(store: Store) -> None:
 
 async def test_reset_starts_a_new_conversation_and_keeps_the_old(store: Store) -> None:
     old = await _say(store, "ann", "first")
-    assert await store.reset("test", "c1", "ann")
+    assert await store.conversations.reset("test", "c1", "ann")
     new = await _say(store, "ann", "second")
     assert new.conversation_id != old.conversation_id
-    assert [m.text for m in await store.active_history("test", "c1", "ann")] == ["second"]
-    assert len(await store.export_user("test", "ann")) == 2
+    assert [m.text for m in await store.conversations.active_history("test", "c1", "ann")] == ["second"]
+    assert len(await store.people.export("test", "ann")) == 2
 
 
 async def test_forget_deletes_everything_about_one_person(store: Store) -> None:
     first = await _say(store, "ann", "secret")
-    await store.add_bot_message(reply_to=first, platform="test", user_id="ann", text="ok")
+    await store.conversations.add_bot_message(reply_to=first, platform="test", user_id="ann", text="ok")
     await _say(store, "bob", "stays")
-    await store.add_draw(
+    await store.draws.add(
         public_id="d1",
         platform="test",
         chat_id="c1",
@@ -118,36 +118,36 @@ async def test_forget_deletes_everything_about_one_person(store: Store) -> None:
         options={},
         seed=1,
     )
-    await store.finish_draw("d1", status="done", image_path="/tmp/nonexistent-d1.png")
-    result = await store.forget_user("test", "ann")
+    await store.draws.finish("d1", status="done", image_path="/tmp/nonexistent-d1.png")
+    result = await store.people.forget("test", "ann")
     assert result.messages == 2 and result.draws == 1
     assert result.image_paths == ["/tmp/nonexistent-d1.png"]
-    assert await store.export_user("test", "ann") == []
-    assert (await store.user_stats("test", "ann")).messages == 0
-    assert [m.text for c in await store.export_user("test", "bob") for m in c.messages] == ["stays"]
+    assert await store.people.export("test", "ann") == []
+    assert (await store.people.stats("test", "ann")).messages == 0
+    assert [m.text for c in await store.people.export("test", "bob") for m in c.messages] == ["stays"]
 
 
 async def test_stats_count_messages_replies_and_conversations(store: Store) -> None:
     first = await _say(store, "ann", "one")
-    await store.add_bot_message(reply_to=first, platform="test", user_id="ann", text="two")
-    await store.reset("test", "c1", "ann")
+    await store.conversations.add_bot_message(reply_to=first, platform="test", user_id="ann", text="two")
+    await store.conversations.reset("test", "c1", "ann")
     await _say(store, "ann", "three")
-    stats = await store.user_stats("test", "ann")
+    stats = await store.people.stats("test", "ann")
     assert (stats.messages, stats.replies, stats.conversations) == (2, 1, 2)
     assert stats.first_seen is not None
 
 
 async def test_web_sessions_are_looked_up_by_hash(store: Store) -> None:
-    await store.create_web_session("ab" * 32, "w123")
-    assert await store.web_session_user("ab" * 32) == "w123"
-    assert await store.web_session_user("cd" * 32) is None
+    await store.sessions.create("ab" * 32, "w123")
+    assert await store.sessions.user_for("ab" * 32) == "w123"
+    assert await store.sessions.user_for("cd" * 32) is None
 
 
 async def test_concurrent_writers_do_not_lose_messages(store: Store) -> None:
     results = await asyncio.gather(*(_say(store, f"user{i}", f"message {i}") for i in range(40)))
     assert len({r.id for r in results}) == 40
     for i in range(40):
-        exported = await store.export_user("test", f"user{i}")
+        exported = await store.people.export("test", f"user{i}")
         assert [m.text for c in exported for m in c.messages] == [f"message {i}"]
 
 

@@ -137,7 +137,7 @@ async def stored_texts(config: Config, user_id: int) -> list[tuple[str, str]]:
     """(role, text) of everything stored for a Telegram user, oldest first."""
     store = await Store.open(config.storage.url)
     try:
-        conversations = await store.export_user("telegram", str(user_id))
+        conversations = await store.people.export("telegram", str(user_id))
     finally:
         await store.close()
     return [(m.role, m.text) for c in conversations for m in c.messages]

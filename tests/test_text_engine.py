@@ -227,7 +227,7 @@ async def test_manager_prompt_fits_the_budget_after_200_turns(
     monkeypatch.setattr(text_module, "encode_dialogue", spy)
     store = running_app.store
     for i in range(100):
-        stored = await store.add_user_message(
+        stored = await store.conversations.add_user_message(
             platform="console",
             chat_id="c",
             owner="u",
@@ -235,7 +235,7 @@ async def test_manager_prompt_fits_the_budget_after_200_turns(
             user_name="u",
             text=f"message {i} " * 3,
         )
-        await store.add_bot_message(
+        await store.conversations.add_bot_message(
             reply_to=stored, platform="console", user_id="u", text=f"reply {i} " * 3
         )
     incoming = Incoming("console", "c", "u", "u", "and now?")

@@ -74,15 +74,15 @@ async def _turn_done(store: Store, message_id: int) -> bool:
 async def test_a_reply_or_a_failure_ends_the_turn(db_url: str) -> None:
     store = await Store.open(db_url)
     try:
-        answered = await store.add_user_message(
+        answered = await store.conversations.add_user_message(
             platform="test", chat_id="c", owner="ann", user_id="ann", user_name="Ann", text="hi"
         )
-        failed = await store.add_user_message(
+        failed = await store.conversations.add_user_message(
             platform="test", chat_id="c", owner="ann", user_id="ann", user_name="Ann", text="yo"
         )
         assert not await _turn_done(store, answered.id)
-        await store.add_bot_message(reply_to=answered, platform="test", user_id="ann", text="hey")
-        await store.finish_turn(failed)
+        await store.conversations.add_bot_message(reply_to=answered, platform="test", user_id="ann", text="hey")
+        await store.conversations.finish_turn(failed)
         assert await _turn_done(store, answered.id) and await _turn_done(store, failed.id)
     finally:
         await store.close()
@@ -125,7 +125,7 @@ async def test_a_turn_left_unfinished_by_a_dead_process_is_waited_for_only_so_lo
     engine = ScriptedEngine()
     try:
         # committed by a process that died before its turn
-        orphan = await store.add_user_message(
+        orphan = await store.conversations.add_user_message(
             platform="test", chat_id="room", owner="cy", user_id="cy", user_name="Cy", text="lost"
         )
         manager = ConversationManager(config, store, engine)

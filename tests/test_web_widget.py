@@ -157,9 +157,9 @@ class ThreadedBot:
         store = self.app.store
 
         async def add() -> None:
-            user_id = await store.web_session_user(token_hash(token))
+            user_id = await store.sessions.user_for(token_hash(token))
             assert user_id is not None
-            stored = await store.add_user_message(
+            stored = await store.conversations.add_user_message(
                 platform="web",
                 chat_id=user_id,
                 owner=user_id,
@@ -167,7 +167,7 @@ class ThreadedBot:
                 user_name="web visitor",
                 text=user_text,
             )
-            await store.add_bot_message(
+            await store.conversations.add_bot_message(
                 reply_to=stored, platform="web", user_id=user_id, text=bot_text
             )
 

@@ -122,7 +122,7 @@ class WebChannel:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return None
-        return await self.store.web_session_user(token_hash(token.strip()))
+        return await self.store.sessions.user_for(token_hash(token.strip()))
 
     async def _read_text(self, request: web.Request) -> str | web.Response:
         try:
@@ -190,7 +190,7 @@ class WebChannel:
             )
         token = secrets.token_urlsafe(32)
         user_id = "w" + secrets.token_hex(12)
-        await self.store.create_web_session(token_hash(token), user_id)
+        await self.store.sessions.create(token_hash(token), user_id)
         return web.json_response({"session": token, "user_id": user_id}, status=201)
 
     async def post_message(self, request: web.Request) -> web.StreamResponse:
@@ -238,7 +238,7 @@ class WebChannel:
         user_id = await self._session_user(request)
         if user_id is None:
             return json_error(401, _NO_SESSION)
-        history = await self.store.active_history(PLATFORM, user_id, user_id, limit=500)
+        history = await self.store.conversations.active_history(PLATFORM, user_id, user_id, limit=500)
         return web.json_response({"messages": [message.as_dict() for message in history]})
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -259,7 +259,7 @@ class WebChannel:
         )
 
     async def media(self, request: web.Request) -> web.StreamResponse:
-        path = await self.store.draw_image_path(request.match_info["draw_id"])
+        path = await self.store.draws.image_path(request.match_info["draw_id"])
         if path is None or not await asyncio.to_thread(Path(path).is_file):
             return json_error(404, "no such picture")
         return web.FileResponse(path, headers={"Cache-Control": "private, max-age=86400"})

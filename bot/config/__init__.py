@@ -7,9 +7,10 @@ One module per family of sections; `loading` reads and validates.
 """
 
 from bot.config.core import BotSection, LimitsSection, StorageSection
-from bot.config.customer_service import HandoffSection, KnowledgeSection
 from bot.config.engines import DrawSection, TextSection
 from bot.config.governance import AccessSection, ModerationSection
+from bot.config.handoff import HandoffSection
+from bot.config.knowledge import KnowledgeSection
 from bot.config.loading import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,

@@ -7,9 +7,10 @@ from pathlib import Path
 from pydantic import Field, PrivateAttr
 
 from bot.config.core import BotSection, LimitsSection, StorageSection
-from bot.config.customer_service import HandoffSection, KnowledgeSection
 from bot.config.engines import DrawSection, TextSection
 from bot.config.governance import AccessSection, ModerationSection
+from bot.config.handoff import HandoffSection
+from bot.config.knowledge import KnowledgeSection
 from bot.config.platforms import DiscordSection, TelegramSection, WebSection
 from bot.config.section import Section
 

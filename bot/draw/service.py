@@ -47,6 +47,10 @@ from storage import StorageUnavailable, Store
 log = logging.getLogger(__name__)
 
 HOUR = timedelta(hours=1)
+#: Draw outcomes that count against `[limits] draws_per_hour`: what was queued
+#: or drawn, and pictures the safety checker blocked (not cancelled, failed, or
+#: refused as busy: those cost the user nothing).
+LIMITED_STATUSES = ("queued", "done", "blocked")
 RESTARTING = "I'm restarting; please ask for that picture again in a minute."
 BUSY = (
     "I'm busy drawing for others right now ({waiting} waiting). Please try again in a few minutes."
@@ -126,7 +130,7 @@ class DrawService:
                 return
             settings = resolve(options, self.section)
             public_id = secrets.token_urlsafe(16)
-            await self.store.add_draw(
+            await self.store.draws.add(
                 public_id=public_id,
                 platform=incoming.platform,
                 chat_id=incoming.chat_id,
@@ -153,7 +157,9 @@ class DrawService:
         limit = self.config.limits.draws_per_hour
         if limit > 0:
             since = datetime.now(UTC) - HOUR
-            times = await self.store.draw_times_since(incoming.platform, incoming.user_id, since)
+            times = await self.store.draws.times_since(
+                incoming.platform, incoming.user_id, since, LIMITED_STATUSES
+            )
             if len(times) >= limit:
                 oldest = min(_aware(moment) for moment in times)
                 wait = max(1.0, (oldest + HOUR - datetime.now(UTC)).total_seconds())
@@ -243,7 +249,7 @@ class DrawService:
         path = self.images_dir / f"{job.id}.png"
         await asyncio.to_thread(_write_file, path, png)
         try:
-            kept = await self.store.finish_draw(job.id, status="done", image_path=str(path))
+            kept = await self.store.draws.finish(job.id, status="done", image_path=str(path))
         except StorageUnavailable as exc:
             log.warning("could not record draw %s as done: %s", job.id, exc)
             kept = True
@@ -290,7 +296,7 @@ class DrawService:
 
     async def _finish(self, public_id: str, status: str, error: str | None = None) -> None:
         try:
-            await self.store.finish_draw(public_id, status=status, error=error)
+            await self.store.draws.finish(public_id, status=status, error=error)
         except StorageUnavailable as exc:
             log.warning("could not record draw %s as %s: %s", public_id, status, exc)
 

@@ -50,7 +50,7 @@ class PictureDrawer:
         draw_id = secrets.token_hex(8)
         seed = 1234
         prompt = args.strip() or "a picture"
-        await self.store.add_draw(
+        await self.store.draws.add(
             public_id=draw_id,
             platform=incoming.platform,
             chat_id=incoming.chat_id,
@@ -64,7 +64,7 @@ class PictureDrawer:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{draw_id}.png"
         path.write_bytes(png)
-        await self.store.finish_draw(draw_id, status="done", image_path=str(path))
+        await self.store.draws.finish(draw_id, status="done", image_path=str(path))
         yield Image(png=png, caption=prompt, seed=seed, path=str(path), draw_id=draw_id)
 
     def cancel(self, platform: str, user_id: str) -> int:
