@@ -22,6 +22,7 @@ from bot.engines import EngineUnavailable, TextEngine
 from bot.limits import SlidingWindowLimiter
 from bot.messages import ConversationKey, Incoming, Notice, NoticeKind, Reply, Text, Typing
 from bot.ordering import KeyedLocks
+from bot.turns import conversation_turn
 from storage import StorageUnavailable, Store, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -167,15 +168,15 @@ class ConversationManager:
         with self._ticket(incoming) as ticket:
             try:
                 async with self._admit_locks.hold(key):
-                    stored = await self.store.conversations.add_user_message(
+                    intake = await self.store.conversations.add_user_message(
                         platform=key.platform,
                         chat_id=key.chat_id,
                         owner=key.user_id,
                         user_id=incoming.user_id,
                         user_name=incoming.user_name,
                         text=text,
-                        platform_message_id=incoming.message_id,
                     )
+                    stored = intake.message
                 async with contextlib.aclosing(
                     self._turn(key, stored, incoming, text, ticket)
                 ) as turn:
@@ -208,7 +209,7 @@ class ConversationManager:
             yield Typing()
             async with (
                 self._turn_locks.hold(key),
-                self.store.conversation_lock(key.platform, key.chat_id, key.user_id, after=stored),
+                conversation_turn(self.store, key.platform, key.chat_id, key.user_id, stored),
             ):
                 try:
                     if ticket.event.is_set():

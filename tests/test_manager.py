@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.engine_doubles import ScriptedEngine, jitter
 
 from bot.cli import main
 from bot.config import Config
 from bot.manager import ConversationManager
 from bot.messages import Incoming, Notice, NoticeKind, Reply, Text, Typing
 from storage import StorageUnavailable, Store
-from support.engine_doubles import ScriptedEngine, jitter
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ async def test_the_message_is_committed_before_generation(config: Config, store:
     await engine.started.wait()
     # The engine is still working; a fresh connection already sees the message.
     other = await Store.open(config.storage.url)
-    seen = [[m.text for m in c.messages] for c in await other.export_user("test", "ann")]
+    seen = [[m.text for m in c.messages] for c in await other.people.export("test", "ann")]
     await other.close()
     engine.release.set()
     await task
@@ -262,12 +262,15 @@ async def test_engine_down_keeps_the_message_and_says_so(config: Config, store: 
 
 
 async def test_database_down_is_a_notice_not_a_crash(config: Config, store: Store) -> None:
-    class DownStore:
+    class Down:
         async def add_user_message(self, **_: Any) -> Any:
             raise StorageUnavailable("OperationalError")
 
-        async def user_stats(self, *_: Any) -> Any:
+        async def stats(self, *_: Any) -> Any:
             raise StorageUnavailable("OperationalError")
+
+    class DownStore:
+        conversations = people = Down()
 
     manager = ConversationManager(config, DownStore(), ScriptedEngine())  # type: ignore[arg-type]
     for text in ("hello", "/stats"):
@@ -333,17 +336,11 @@ async def test_a_caller_that_goes_away_stops_the_generation(config: Config, stor
 async def test_a_reply_that_cannot_be_stored_still_reaches_the_user(
     config: Config, store: Store
 ) -> None:
-    class ReplyStoreDown:
-        def __init__(self, inner: Store) -> None:
-            self.inner = inner
+    async def reply_store_down(**_: Any) -> Any:
+        raise StorageUnavailable("OperationalError")
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self.inner, name)
-
-        async def add_bot_message(self, **_: Any) -> Any:
-            raise StorageUnavailable("OperationalError")
-
-    manager = ConversationManager(config, ReplyStoreDown(store), ScriptedEngine())  # type: ignore[arg-type]
+    store.conversations.add_bot_message = reply_store_down  # type: ignore[method-assign]
+    manager = ConversationManager(config, store, ScriptedEngine())
     assert final_text(await replies(manager, message("still there?"))) == "echo: still there?"
     exported = await store.people.export("test", "ann")
     assert [m.text for m in exported[0].messages] == ["still there?"]

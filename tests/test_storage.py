@@ -22,7 +22,7 @@ async def store(db_url: str):
 
 
 async def _say(store: Store, user: str, text: str, chat: str = "c1", owner: str | None = None):
-    return await store.conversations.add_user_message(
+    intake = await store.conversations.add_user_message(
         platform="test",
         chat_id=chat,
         owner=user if owner is None else owner,
@@ -30,14 +30,28 @@ async def _say(store: Store, user: str, text: str, chat: str = "c1", owner: str 
         user_name=user.title(),
         text=text,
     )
+    return intake.message
 
 
 async def test_fresh_database_gets_the_schema(db_url: str) -> None:
+    """Migrations bring a new database to the newest revision, and what they
+    build is exactly what storage.models declares (no drift either way)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from storage.database import alembic_config
+    from storage.models import Base
+
     store = await Store.open(db_url)
     try:
         async with store.engine.connect() as connection:
             version = await connection.scalar(text("SELECT version_num FROM alembic_version"))
-        assert version == "0002"
+            drift = await connection.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), Base.metadata)
+            )
+        assert version == ScriptDirectory.from_config(alembic_config()).get_current_head()
+        assert drift == []
         await store.ping()
     finally:
         await store.close()
@@ -57,8 +71,12 @@ async def test_sqlite_uses_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> 
 async def test_history_is_in_turn_order_and_bounded(store: Store) -> None:
     first = await _say(store, "ann", "hello")
     second = await _say(store, "ann", "are you there?")
-    await store.conversations.add_bot_message(reply_to=first, platform="test", user_id="ann", text="hi ann")
-    await store.conversations.add_bot_message(reply_to=second, platform="test", user_id="ann", text="yes")
+    await store.conversations.add_bot_message(
+        reply_to=first, platform="test", user_id="ann", text="hi ann"
+    )
+    await store.conversations.add_bot_message(
+        reply_to=second, platform="test", user_id="ann", text="yes"
+    )
     history = await store.conversations.history(first.conversation_id)
     assert [m.text for m in history] == ["hello", "hi ann", "are you there?", "yes"]
     # What came before the second message: the first exchange only.
@@ -80,7 +98,9 @@ async def test_users_do_not_see_each_other(store: Store) -> None:
 
 async def test_shared_chat_history_and_per_person_export(store: Store) -> None:
     ann = await _say(store, "ann", "hi all", owner="")
-    await store.conversations.add_bot_message(reply_to=ann, platform="test", user_id="ann", text="hi Ann")
+    await store.conversations.add_bot_message(
+        reply_to=ann, platform="test", user_id="ann", text="hi Ann"
+    )
     bob = await _say(store, "bob", "hello", owner="")
     assert ann.conversation_id == bob.conversation_id
     history = await store.conversations.history(bob.conversation_id)
@@ -101,13 +121,17 @@ async def test_reset_starts_a_new_conversation_and_keeps_the_old(store: Store) -
     assert await store.conversations.reset("test", "c1", "ann")
     new = await _say(store, "ann", "second")
     assert new.conversation_id != old.conversation_id
-    assert [m.text for m in await store.conversations.active_history("test", "c1", "ann")] == ["second"]
+    assert [m.text for m in await store.conversations.active_history("test", "c1", "ann")] == [
+        "second"
+    ]
     assert len(await store.people.export("test", "ann")) == 2
 
 
 async def test_forget_deletes_everything_about_one_person(store: Store) -> None:
     first = await _say(store, "ann", "secret")
-    await store.conversations.add_bot_message(reply_to=first, platform="test", user_id="ann", text="ok")
+    await store.conversations.add_bot_message(
+        reply_to=first, platform="test", user_id="ann", text="ok"
+    )
     await _say(store, "bob", "stays")
     await store.draws.add(
         public_id="d1",
@@ -124,12 +148,16 @@ async def test_forget_deletes_everything_about_one_person(store: Store) -> None:
     assert result.image_paths == ["/tmp/nonexistent-d1.png"]
     assert await store.people.export("test", "ann") == []
     assert (await store.people.stats("test", "ann")).messages == 0
-    assert [m.text for c in await store.people.export("test", "bob") for m in c.messages] == ["stays"]
+    assert [m.text for c in await store.people.export("test", "bob") for m in c.messages] == [
+        "stays"
+    ]
 
 
 async def test_stats_count_messages_replies_and_conversations(store: Store) -> None:
     first = await _say(store, "ann", "one")
-    await store.conversations.add_bot_message(reply_to=first, platform="test", user_id="ann", text="two")
+    await store.conversations.add_bot_message(
+        reply_to=first, platform="test", user_id="ann", text="two"
+    )
     await store.conversations.reset("test", "c1", "ann")
     await _say(store, "ann", "three")
     stats = await store.people.stats("test", "ann")
@@ -168,10 +196,11 @@ async def test_database_going_away_raises_storage_unavailable(tmp_path: Path) ->
 async def test_two_processes_keep_one_conversation_in_order(postgres_url: str) -> None:
     """Two managers with their own connection pools (as two `aigc-bot run`
     processes would have) on one PostgreSQL serialise a conversation's turns."""
+    from support.engine_doubles import ScriptedEngine, jitter
+
     from bot.config import Config
     from bot.manager import ConversationManager
     from bot.messages import Incoming
-    from support.engine_doubles import ScriptedEngine, jitter
 
     config = Config.model_validate(
         {"storage": {"url": postgres_url}, "limits": {"messages_per_minute": 0}}
@@ -186,7 +215,7 @@ async def test_two_processes_keep_one_conversation_in_order(postgres_url: str) -
 
     try:
         await asyncio.gather(*(send(i) for i in range(10)))
-        history = await stores[0].active_history("test", "room", "ann")
+        history = await stores[0].conversations.active_history("test", "room", "ann")
         prompts = sorted(engines[0].prompts + engines[1].prompts, key=len)
     finally:
         for opened in stores:

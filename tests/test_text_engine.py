@@ -227,14 +227,16 @@ async def test_manager_prompt_fits_the_budget_after_200_turns(
     monkeypatch.setattr(text_module, "encode_dialogue", spy)
     store = running_app.store
     for i in range(100):
-        stored = await store.conversations.add_user_message(
-            platform="console",
-            chat_id="c",
-            owner="u",
-            user_id="u",
-            user_name="u",
-            text=f"message {i} " * 3,
-        )
+        stored = (
+            await store.conversations.add_user_message(
+                platform="console",
+                chat_id="c",
+                owner="u",
+                user_id="u",
+                user_name="u",
+                text=f"message {i} " * 3,
+            )
+        ).message
         await store.conversations.add_bot_message(
             reply_to=stored, platform="console", user_id="u", text=f"reply {i} " * 3
         )

@@ -6,25 +6,30 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.engine_doubles import ScriptedEngine
 
 from bot.config import Config
 from bot.manager import ConversationManager
 from bot.messages import Incoming, Text, Typing
 from storage import Store
-from support.engine_doubles import ScriptedEngine
 
 
-class SlowToLock(Store):
+def slow_to_lock(store: Store) -> Store:
     """A process that is slow to ask for the conversation's lock (a new pool
     connection, a busy event loop) after committing its message."""
+    turn_lock = store.conversations.turn_lock
 
     @contextlib.asynccontextmanager
-    async def conversation_lock(self, *args: object, **kwargs: object) -> AsyncIterator[None]:
+    async def slow(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         await asyncio.sleep(0.3)
-        async with super().conversation_lock(*args, **kwargs):  # type: ignore[arg-type]
-            yield
+        async with turn_lock(*args, **kwargs) as lock:
+            yield lock
+
+    store.conversations.turn_lock = slow  # type: ignore[method-assign]
+    return store
 
 
 async def test_an_earlier_message_goes_first_even_if_its_process_is_slower(
@@ -33,7 +38,7 @@ async def test_an_earlier_message_goes_first_even_if_its_process_is_slower(
     config = Config.model_validate(
         {"storage": {"url": postgres_url}, "limits": {"messages_per_minute": 0}}
     )
-    slow = await SlowToLock.open(postgres_url)
+    slow = slow_to_lock(await Store.open(postgres_url))
     fast = await Store.open(postgres_url)
     engines = [ScriptedEngine(), ScriptedEngine()]
     managers = [
@@ -74,14 +79,20 @@ async def _turn_done(store: Store, message_id: int) -> bool:
 async def test_a_reply_or_a_failure_ends_the_turn(db_url: str) -> None:
     store = await Store.open(db_url)
     try:
-        answered = await store.conversations.add_user_message(
-            platform="test", chat_id="c", owner="ann", user_id="ann", user_name="Ann", text="hi"
-        )
-        failed = await store.conversations.add_user_message(
-            platform="test", chat_id="c", owner="ann", user_id="ann", user_name="Ann", text="yo"
-        )
+        answered = (
+            await store.conversations.add_user_message(
+                platform="test", chat_id="c", owner="ann", user_id="ann", user_name="Ann", text="hi"
+            )
+        ).message
+        failed = (
+            await store.conversations.add_user_message(
+                platform="test", chat_id="c", owner="ann", user_id="ann", user_name="Ann", text="yo"
+            )
+        ).message
         assert not await _turn_done(store, answered.id)
-        await store.conversations.add_bot_message(reply_to=answered, platform="test", user_id="ann", text="hey")
+        await store.conversations.add_bot_message(
+            reply_to=answered, platform="test", user_id="ann", text="hey"
+        )
         await store.conversations.finish_turn(failed)
         assert await _turn_done(store, answered.id) and await _turn_done(store, failed.id)
     finally:
@@ -104,7 +115,7 @@ async def test_a_failed_turn_does_not_hold_up_the_next_one(postgres_url: str) ->
         manager = ConversationManager(config, stores[1], working)
         [_ async for _ in manager.handle(Incoming("test", "room", "bob", "Bob", "second"))]
         assert loop.time() - started < 5  # TURN_WAIT_S is 30
-        history = await stores[1].active_history("test", "room", "bob")
+        history = await stores[1].conversations.active_history("test", "room", "bob")
         assert all([await _turn_done(stores[1], m.id) for m in history])
     finally:
         for store in stores:
@@ -115,9 +126,9 @@ async def test_a_failed_turn_does_not_hold_up_the_next_one(postgres_url: str) ->
 async def test_a_turn_left_unfinished_by_a_dead_process_is_waited_for_only_so_long(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import storage.store as store_module
+    import bot.turns
 
-    monkeypatch.setattr(store_module, "TURN_WAIT_S", 0.3)
+    monkeypatch.setattr(bot.turns, "TURN_WAIT_S", 0.3)
     config = Config.model_validate(
         {"storage": {"url": postgres_url}, "limits": {"messages_per_minute": 0}}
     )
@@ -125,9 +136,16 @@ async def test_a_turn_left_unfinished_by_a_dead_process_is_waited_for_only_so_lo
     engine = ScriptedEngine()
     try:
         # committed by a process that died before its turn
-        orphan = await store.conversations.add_user_message(
-            platform="test", chat_id="room", owner="cy", user_id="cy", user_name="Cy", text="lost"
-        )
+        orphan = (
+            await store.conversations.add_user_message(
+                platform="test",
+                chat_id="room",
+                owner="cy",
+                user_id="cy",
+                user_name="Cy",
+                text="lost",
+            )
+        ).message
         manager = ConversationManager(config, store, engine)
         replies = [r async for r in manager.handle(Incoming("test", "room", "cy", "Cy", "hello"))]
     finally:

@@ -168,7 +168,7 @@ class ThreadedBot:
                 text=user_text,
             )
             await store.conversations.add_bot_message(
-                reply_to=stored, platform="web", user_id=user_id, text=bot_text
+                reply_to=stored.message, platform="web", user_id=user_id, text=bot_text
             )
 
         self.call(add())

@@ -238,7 +238,9 @@ class WebChannel:
         user_id = await self._session_user(request)
         if user_id is None:
             return json_error(401, _NO_SESSION)
-        history = await self.store.conversations.active_history(PLATFORM, user_id, user_id, limit=500)
+        history = await self.store.conversations.active_history(
+            PLATFORM, user_id, user_id, limit=500
+        )
         return web.json_response({"messages": [message.as_dict() for message in history]})
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -99,7 +99,8 @@ def model_missing_message(name: str) -> str:
     if looks_local(name):
         return (
             f"draw.model {name!r} does not exist: set draw.model to a diffusers model directory "
-            f"or a Hugging Face hub id (`python -m bot.testing.tiny_diffusion DIR` builds a tiny test one)"
+            "or a Hugging Face hub id "
+            "(`python -m bot.testing.tiny_diffusion DIR` builds a tiny test one)"
         )
     return (
         f"draw.model {name!r} could not be loaded from the Hugging Face hub (no network?): "
