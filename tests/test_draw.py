@@ -24,7 +24,9 @@ import pytest
 
 from bot.config import Config, load_config
 from bot.draw.service import DrawService
-from bot.engines.image import ImageEngine, load_pipeline
+from bot.engine_settings import image_engine_settings
+from bot.engines.image import ImageEngine
+from bot.engines.pipeline import load_pipeline
 from bot.messages import Image, Incoming, Notice, NoticeKind, Reply, Text
 from bot.testing.tiny_diffusion import TINY_DRAW_SETTINGS, build_tiny_diffusion
 from storage import Store
@@ -160,7 +162,9 @@ async def services(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         loader = (
             load_pipeline if pipeline is None else (lambda section: (pipeline, torch.device("cpu")))
         )
-        service = DrawService(config, store, engine=ImageEngine(config.draw, loader=loader))
+        service = DrawService(
+            config, store, engine=ImageEngine(image_engine_settings(config.draw), loader=loader)
+        )
         await service.start()
         made.append((service, store))
         return service
@@ -262,7 +266,9 @@ async def test_out_of_memory_in_the_real_pipeline_is_a_notice_and_the_next_draw_
         return pipeline, device
 
     store = await Store.open(config.storage.url)
-    service = DrawService(config, store, engine=ImageEngine(config.draw, loader=loader))
+    service = DrawService(
+        config, store, engine=ImageEngine(image_engine_settings(config.draw), loader=loader)
+    )
     await service.start()
     try:
         notice = await Replies(service.handle(incoming(), "a cat --seed 1")).last()

@@ -13,16 +13,22 @@ from typing import Any
 import pytest
 
 from bot.config import TextSection
+from bot.engine_settings import local_engine_settings
 from bot.engines import EngineUnavailable
 from bot.engines.decoding import BatchDecoder
 from bot.engines.prompt import encode_dialogue, encode_turn
+from bot.engines.settings import LocalEngineSettings
 from bot.engines.text import LocalTextEngine
 from bot.testing.tiny_models import sample_lines
 
 
+def engine_settings(**values: Any) -> LocalEngineSettings:
+    return local_engine_settings(TextSection(**values))
+
+
 @pytest.fixture
-def text_config(tiny_model_dir: Path) -> Callable[..., TextSection]:
-    def factory(**values: Any) -> TextSection:
+def text_config(tiny_model_dir: Path) -> Callable[..., LocalEngineSettings]:
+    def factory(**values: Any) -> LocalEngineSettings:
         settings = {
             "model": str(tiny_model_dir),
             "device": "cpu",
@@ -31,13 +37,13 @@ def text_config(tiny_model_dir: Path) -> Callable[..., TextSection]:
             "stream_interval_ms": 0,
         }
         settings.update(values)
-        return TextSection(**settings)
+        return engine_settings(**settings)
 
     return factory
 
 
 @pytest.fixture
-async def engine(text_config: Callable[..., TextSection]):
+async def engine(text_config: Callable[..., LocalEngineSettings]):
     running = LocalTextEngine(text_config(batch_wait_ms=50))
     await running.start()
     yield running
@@ -49,7 +55,7 @@ PROMPTS = [
 ]
 
 
-async def test_replies_are_clean_and_never_empty(engine: LocalTextEngine) -> None:
+async def test_replies_are_clean(engine: LocalTextEngine) -> None:
     reply = await engine.generate(["I like pizza today."])
     assert reply and reply == reply.strip() and "  " not in reply
     assert "<|endoftext|>" not in reply
@@ -63,21 +69,25 @@ async def test_stream_grows_then_ends_with_the_final_reply(engine: LocalTextEngi
         assert later.text.startswith(earlier.text.rstrip()[:-1] if earlier.text else "")
 
 
-async def test_fallback_when_the_model_says_nothing(
-    text_config: Callable[..., TextSection], monkeypatch: pytest.MonkeyPatch
+async def test_the_final_chunk_is_empty_when_the_model_says_nothing(
+    engine: LocalTextEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    running = LocalTextEngine(text_config(fallback_reply="Say that again?"))
-    await running.start()
-    try:
-        eos = running.tokenizer.eos_token_id
-        monkeypatch.setattr(
-            BatchDecoder,
-            "_next_tokens",
-            lambda self, logits, seen: logits.new_full((logits.shape[0],), eos).long(),
-        )
-        assert await running.generate(["hello"]) == "Say that again?"
-    finally:
-        await running.close()
+    """No product copy in the engine: the manager substitutes its fallback reply."""
+    eos = engine.tokenizer.eos_token_id
+    monkeypatch.setattr(
+        BatchDecoder,
+        "_next_tokens",
+        lambda self, logits, seen: logits.new_full((logits.shape[0],), eos).long(),
+    )
+    chunks = [chunk async for chunk in engine.stream(["hello"])]
+    assert [(c.text, c.final, c.tokens) for c in chunks] == [("", True, 0)]
+
+
+async def test_the_final_chunk_counts_the_tokens_of_the_reply(engine: LocalTextEngine) -> None:
+    chunks = [chunk async for chunk in engine.stream(["I like pizza today."])]
+    final = chunks[-1]
+    assert final.final and 0 < final.tokens <= 16
+    assert all(chunk.tokens == 0 for chunk in chunks[:-1])
 
 
 async def test_concurrent_requests_are_batched_and_each_gets_its_own_reply(
@@ -93,13 +103,14 @@ async def test_the_model_runs_on_the_worker_thread_not_the_event_loop(
     engine: LocalTextEngine,
 ) -> None:
     threads: set[str] = set()
-    original = engine.model.forward
+    runner = engine.decoder.runner
+    original = runner.decode
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         threads.add(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    engine.model.forward = spy
+    runner.decode = spy  # type: ignore[method-assign]
     ticks = 0
 
     async def ticker() -> None:
@@ -127,7 +138,7 @@ async def _conversation(engine: LocalTextEngine, turns: int, key: str) -> list[s
 
 
 async def test_prefix_reuse_gives_the_same_replies_as_recomputation(
-    text_config: Callable[..., TextSection],
+    text_config: Callable[..., LocalEngineSettings],
 ) -> None:
     results = {}
     for cache_mb in (0, 32):
@@ -146,7 +157,7 @@ async def test_prefix_reuse_gives_the_same_replies_as_recomputation(
 
 
 async def test_prefix_reuse_is_correct_when_history_is_truncated(
-    text_config: Callable[..., TextSection],
+    text_config: Callable[..., LocalEngineSettings],
 ) -> None:
     results = {}
     for cache_mb in (0, 32):
@@ -160,7 +171,7 @@ async def test_prefix_reuse_is_correct_when_history_is_truncated(
 
 
 async def test_prefix_reuse_mixed_with_fresh_rows_in_one_batch(
-    text_config: Callable[..., TextSection],
+    text_config: Callable[..., LocalEngineSettings],
 ) -> None:
     """A batch holding a cached conversation and new ones decodes each row as if alone."""
     reference = LocalTextEngine(text_config(kv_cache_mb=0))
@@ -257,7 +268,7 @@ async def test_cancelled_requests_are_dropped_and_the_worker_goes_on(
 
 
 async def test_a_missing_local_model_names_the_key_and_the_fix(tmp_path: Path) -> None:
-    engine = LocalTextEngine(TextSection(model=str(tmp_path / "no-such-model")))
+    engine = LocalTextEngine(engine_settings(model=str(tmp_path / "no-such-model")))
     with pytest.raises(
         EngineUnavailable, match=r"text\.model .* does not exist: train .*aigc-bot train"
     ):
@@ -266,7 +277,7 @@ async def test_a_missing_local_model_names_the_key_and_the_fix(tmp_path: Path) -
 
 async def test_a_hub_id_without_network_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    engine = LocalTextEngine(TextSection(model="someone/some-dialogue-model"))
+    engine = LocalTextEngine(engine_settings(model="someone/some-dialogue-model"))
     with pytest.raises(
         EngineUnavailable, match=r"text\.model 'someone/some-dialogue-model' could not be loaded"
     ):
@@ -274,7 +285,7 @@ async def test_a_hub_id_without_network_names_the_key(monkeypatch: pytest.Monkey
 
 
 async def test_cuda_requested_without_a_gpu_is_a_clear_error(
-    text_config: Callable[..., TextSection],
+    text_config: Callable[..., LocalEngineSettings],
 ) -> None:
     import torch
 
@@ -285,7 +296,7 @@ async def test_cuda_requested_without_a_gpu_is_a_clear_error(
         await engine.start()
 
 
-async def test_partial_texts_are_throttled(text_config: Callable[..., TextSection]) -> None:
+async def test_partial_texts_are_throttled(text_config: Callable[..., LocalEngineSettings]) -> None:
     running = LocalTextEngine(text_config(stream_interval_ms=60_000))
     await running.start()
     try:
@@ -298,7 +309,7 @@ async def test_partial_texts_are_throttled(text_config: Callable[..., TextSectio
 
 @pytest.mark.parametrize("settings", [{"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-4}])
 async def test_sampling_at_its_limits_is_greedy(
-    text_config: Callable[..., TextSection], settings: dict[str, Any]
+    text_config: Callable[..., LocalEngineSettings], settings: dict[str, Any]
 ) -> None:
     greedy = LocalTextEngine(text_config())
     sampled = LocalTextEngine(text_config(greedy=False, **settings))
@@ -313,7 +324,7 @@ async def test_sampling_at_its_limits_is_greedy(
 
 
 async def test_prefix_reuse_goes_on_after_history_outgrows_the_budget(
-    text_config: Callable[..., TextSection],
+    text_config: Callable[..., LocalEngineSettings],
 ) -> None:
     running = LocalTextEngine(text_config(kv_cache_mb=32, max_history_tokens=60))
     await running.start()
@@ -369,24 +380,21 @@ async def test_latecomers_join_a_running_batch_and_it_stays_narrow(
     engine: LocalTextEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests admitted between steps get exactly the replies they get alone,
-    and a batch that lives on as rows come and go does not grow wider than
-    its longest row (finished rows' columns are trimmed)."""
-    from bot.engines.decoding import DecodeRequest, SamplingSettings
+    and a batch that lives on as rows come and go never attends over more than
+    its longest row (each row lives at its own positions in its own slot)."""
+    from bot.engines.decoding import DecodeRequest
+    from bot.engines.gpt2 import Gpt2Runner
     from bot.engines.prefix_cache import PrefixCache
+    from bot.engines.settings import SamplingSettings
 
     tokenizer, eos = engine.tokenizer, engine.tokenizer.eos_token_id
     _without_eos(monkeypatch, eos)
     settings = SamplingSettings(
         max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.2, greedy=True
     )
+    runner = Gpt2Runner(engine.model, slots=4, max_len=128, device=engine.device)
     decoder = BatchDecoder(
-        engine.model,
-        tokenizer,
-        eos_id=eos,
-        device=engine.device,
-        prefix_cache=PrefixCache(0),
-        settings=settings,
-        max_rows=4,
+        runner, tokenizer, eos_id=eos, prefix_cache=PrefixCache(0), settings=settings
     )
     prompts = [encode_dialogue(tokenizer, [line], 64) for line in sample_lines(12)]
 
@@ -398,13 +406,13 @@ async def test_latecomers_join_a_running_batch_and_it_stays_narrow(
         decoder.run([request(ids, alone, key)])
 
     widths: list[int] = []
-    forward = engine.model.forward
+    decode = runner.decode
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        widths.append(kwargs["attention_mask"].shape[1])
-        return forward(*args, **kwargs)
+    def spy(tokens: Any, positions: Any) -> Any:
+        widths.append(int(positions.max()) + 1)  # the keys one step attends over
+        return decode(tokens, positions)
 
-    monkeypatch.setattr(engine.model, "forward", spy)
+    monkeypatch.setattr(runner, "decode", spy)
     together: dict[int, str] = {}
     waiting = list(enumerate(prompts))[1:]
     calls = 0
@@ -423,7 +431,7 @@ async def test_latecomers_join_a_running_batch_and_it_stays_narrow(
     assert decoder.joined == len(prompts) - 1
     assert decoder.step_rows > decoder.steps  # rows really shared steps
     longest_row = max(len(ids) for ids in prompts) + settings.max_new_tokens
-    assert max(widths) <= longest_row + 7
+    assert max(widths) <= longest_row
 
 
 async def test_a_request_queued_mid_batch_joins_it_through_the_engine(

@@ -31,6 +31,10 @@ class TextSection(Section):
     remote_model: str = ""
     api_key_env: str = "AIGC_BOT_TEXT_API_KEY"
     request_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    #: engine = "remote": retries of a request the server refused (429/5xx) or never answered
+    remote_retries: Annotated[int, Field(ge=0, le=10)] = 2
+    #: engine = "remote": wait before the first retry, doubled for each next one
+    remote_backoff_s: Annotated[float, Field(ge=0)] = 0.5
     #: A reply that takes longer than this is given up with a notice (0 = no limit).
     timeout_s: Annotated[float, Field(ge=0)] = 120.0
 

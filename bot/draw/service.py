@@ -23,6 +23,7 @@ from typing import Any
 
 from bot.config import Config
 from bot.draw.options import DrawUsageError, parse_draw_args, resolve
+from bot.engine_settings import draw_request, image_engine_settings
 from bot.engines.image import (
     CANCELLED,
     DONE,
@@ -85,7 +86,7 @@ class DrawService:
         self.section = config.draw
         self.store = store
         self.metrics = metrics
-        self.engine = engine or ImageEngine(config.draw, metrics=metrics)
+        self.engine = engine or ImageEngine(image_engine_settings(config.draw), observer=metrics)
         self.images_dir = config.resolve_path(config.bot.data_dir) / "draws"
         self._admit = KeyedLocks()
         self._background: set[asyncio.Task[Any]] = set()
@@ -139,7 +140,13 @@ class DrawService:
                 options=settings.as_options(),
                 seed=settings.seed,
             )
-            job = DrawJob(public_id, owner, settings, asyncio.get_running_loop())
+            job = DrawJob(
+                public_id,
+                owner,
+                draw_request(settings),
+                asyncio.get_running_loop(),
+                caption=settings.caption(),
+            )
             busy = self.engine.busy
             try:
                 position = self.engine.submit(job)
@@ -259,7 +266,7 @@ class DrawService:
             return None
         return Image(
             png=png,
-            caption=job.settings.caption(),
+            caption=job.caption,
             seed=job.settings.seed,
             path=str(path),
             draw_id=job.id,

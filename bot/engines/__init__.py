@@ -1,16 +1,41 @@
-"""Engines behind small protocols, so the manager never cares which one runs."""
+"""Engines behind small protocols, so the manager never cares which one runs.
+
+Engines are pure: they take their own settings objects (`bot.engines.settings`),
+yield their own chunk type, read no environment and hold no product copy.
+`bot.engine_settings` turns config sections into engines.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-
-from bot.messages import Text
 
 
 class EngineUnavailable(Exception):
-    """The engine cannot answer (model missing, server down). The message is
-    safe to show to an operator and names the config key to fix."""
+    """The engine cannot answer (model missing, server down, generation failed).
+    The message is safe to show to an operator and names the key to fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class TextChunk:
+    """One step of a reply: `text` is the whole reply so far (partials) or the
+    cleaned reply (final; may be "" when the model said nothing)."""
+
+    text: str
+    final: bool
+    #: on the final chunk: tokens generated for this reply (for token quotas)
+    tokens: int = 0
+
+
+class EngineObserver(Protocol):
+    """Where an engine reports its load (implemented by `bot.metrics.Metrics`)."""
+
+    def observe_queue(self, engine: str, depth: int) -> None: ...
+
+    def observe_batch(self, rows: int) -> None: ...
+
+    def count_tokens(self, count: int) -> None: ...
 
 
 @runtime_checkable
@@ -23,13 +48,11 @@ class TextEngine(Protocol):
 
     async def close(self) -> None: ...
 
-    def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[Text]:
-        """Yield the reply as it grows: each item holds the whole text so far,
-        and the last one, `final=True`, the cleaned reply (never empty).
-        `conversation` keys the engine's per-conversation caches."""
+    def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[TextChunk]:
+        """Yield the reply as it grows, then one `final=True` chunk.
+        `conversation` keys the engine's per-conversation caches. Closing the
+        iterator early (`aclose`) drops the request from the engine."""
         ...
-
-    async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str: ...
 
     @property
     def ready(self) -> bool: ...
@@ -38,15 +61,24 @@ class TextEngine(Protocol):
     def queue_depth(self) -> int: ...
 
 
-def create_text_engine(config: object, metrics: object | None = None) -> TextEngine:
-    """Build the engine `[text] engine` names."""
-    from bot.config import TextSection
+async def final_text(engine: TextEngine, turns: Sequence[str], *, conversation: str = "") -> str:
+    """The final text of one reply (a convenience for tools and tests)."""
+    async for chunk in engine.stream(turns, conversation=conversation):
+        if chunk.final:
+            return chunk.text
+    raise EngineUnavailable("the engine ended without a reply")
 
-    assert isinstance(config, TextSection)
-    if config.engine == "remote":
-        from bot.engines.remote import RemoteTextEngine
 
-        return RemoteTextEngine(config, metrics=metrics)
-    from bot.engines.text import LocalTextEngine
+def clean_reply(text: str) -> str:
+    """Whitespace collapsed, replacement characters dropped; "" when nothing is left."""
+    return " ".join(text.replace("\ufffd", "").split())
 
-    return LocalTextEngine(config, metrics=metrics)
+
+__all__ = [
+    "EngineObserver",
+    "EngineUnavailable",
+    "TextChunk",
+    "TextEngine",
+    "clean_reply",
+    "final_text",
+]

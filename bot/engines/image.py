@@ -17,23 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import inspect
 import io
 import logging
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bot.config import DrawSection
-from bot.draw.options import DrawSettings
-from bot.engines import EngineUnavailable
-from bot.engines.loading import hub_reachable, looks_local, resolve_device
+from bot.engines import EngineObserver, EngineUnavailable
+from bot.engines.loading import free_memory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +65,31 @@ class _Interrupted(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class ImageEngineSettings:
+    model: str
+    device: str = "auto"
+    attention_slicing: bool = False
+    cpu_offload: bool = False
+    #: jobs that may wait; more are refused with `QueueFull`
+    max_queue: int = 16
+    #: after a failed load, jobs fail at once for this long before loading is tried again
+    retry_load_after_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class DrawRequest:
+    """One picture, its options already clamped to the limits."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 25
+    width: int = 512
+    height: int = 512
+    guidance: float = 7.5
+
+
+@dataclass(frozen=True, slots=True)
 class DrawFailure:
     kind: str
     message: str = ""
@@ -82,8 +102,10 @@ class DrawJob:
 
     id: str
     owner: Hashable
-    settings: DrawSettings
+    settings: DrawRequest
     loop: asyncio.AbstractEventLoop
+    #: what the caller shows with the picture (the engine never reads it)
+    caption: str = ""
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -92,97 +114,10 @@ class DrawJob:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
-# -- loading -----------------------------------------------------------------------
+def _load_pipeline(settings: ImageEngineSettings) -> tuple[Any, Any]:
+    from bot.engines.pipeline import load_pipeline
 
-
-def model_missing_message(name: str) -> str:
-    if looks_local(name):
-        return (
-            f"draw.model {name!r} does not exist: set draw.model to a diffusers model directory "
-            "or a Hugging Face hub id "
-            "(`python -m bot.testing.tiny_diffusion DIR` builds a tiny test one)"
-        )
-    return (
-        f"draw.model {name!r} could not be loaded from the Hugging Face hub (no network?): "
-        f"download it once with a network, or set draw.model to a local diffusers directory"
-    )
-
-
-def load_pipeline(section: DrawSection) -> tuple[Any, Any]:
-    """(pipeline, device) for `[draw]`, ready to call; `ImageEngineUnavailable` if not."""
-    try:
-        import torch
-        from diffusers import AutoPipelineForText2Image
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-    except ImportError as exc:
-        raise ImageEngineUnavailable(
-            f"drawing needs torch, diffusers and transformers installed ({exc})"
-        ) from exc
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    name = section.model
-    local = looks_local(name)
-    if local and not Path(name).expanduser().is_dir():
-        raise ImageEngineUnavailable(model_missing_message(name))
-    device = resolve_device(section.device, "draw.device", ImageEngineUnavailable)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipeline = None
-    attempts = [True] if local else [True, False]  # a hub id: the cache first, then the network
-    for local_only in attempts:
-        if not local_only and not hub_reachable():
-            # Fail in seconds, not after a minute of download retries.
-            raise ImageEngineUnavailable(model_missing_message(name))
-        try:
-            with warnings.catch_warnings():
-                # Newer diffusers call it `dtype`; `torch_dtype` works in every version.
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-                pipeline = AutoPipelineForText2Image.from_pretrained(
-                    str(Path(name).expanduser()) if local else name,
-                    torch_dtype=dtype,
-                    local_files_only=local_only,
-                )
-            break
-        except Exception as exc:
-            log.debug(
-                "loading draw.model %s (local_files_only=%s) failed",
-                name,
-                local_only,
-                exc_info=True,
-            )
-            if local:
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ImageEngineUnavailable(
-                    f"draw.model {name!r} is not a loadable diffusers text-to-image model: {first}"
-                ) from exc
-            if not local_only:
-                raise ImageEngineUnavailable(model_missing_message(name)) from exc
-    assert pipeline is not None
-    pipeline.set_progress_bar_config(disable=True)
-    if section.attention_slicing:
-        pipeline.enable_attention_slicing()
-    if section.cpu_offload and device.type == "cuda":
-        try:
-            pipeline.enable_model_cpu_offload()
-        except ImportError as exc:
-            raise ImageEngineUnavailable(
-                "draw.cpu_offload needs the accelerate package: pip install accelerate"
-            ) from exc
-    else:
-        if section.cpu_offload:
-            log.warning("draw.cpu_offload is ignored on the CPU")
-        pipeline.to(device)
-    return pipeline, device
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    return load_pipeline(settings)
 
 
 def encode_png(image: Any) -> bytes:
@@ -202,15 +137,15 @@ class ImageEngine:
 
     def __init__(
         self,
-        section: DrawSection,
+        settings: ImageEngineSettings,
         *,
-        metrics: Any = None,
-        loader: Callable[[DrawSection], tuple[Any, Any]] = load_pipeline,
+        observer: EngineObserver | None = None,
+        loader: Callable[[ImageEngineSettings], tuple[Any, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.section = section
-        self.metrics = metrics
-        self._loader = loader
+        self.settings = settings
+        self.observer = observer
+        self._loader = loader or _load_pipeline
         self._clock = clock
         self._cond = threading.Condition()
         self._waiting: deque[DrawJob] = deque()
@@ -278,7 +213,7 @@ class ImageEngine:
         """Why the pipeline could not be loaded, while `retry_load_after_s` has not passed."""
         if self._load_error is None or self._load_failed_at is None:
             return None
-        if self._clock() - self._load_failed_at >= self.section.retry_load_after_s:
+        if self._clock() - self._load_failed_at >= self.settings.retry_load_after_s:
             return None
         return self._load_error
 
@@ -290,7 +225,7 @@ class ImageEngine:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the image engine is stopping")
-            if len(self._waiting) >= self.section.max_queue:
+            if len(self._waiting) >= self.settings.max_queue:
                 raise QueueFull(f"{len(self._waiting)} drawings are waiting")
             self._waiting.append(job)
             position = len(self._waiting)
@@ -335,8 +270,8 @@ class ImageEngine:
             job.post(POSITION, position)
 
     def _observe(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.labels("image").set(len(self._waiting))
+        if self.observer is not None:
+            self.observer.observe_queue("image", len(self._waiting))
 
     # -- worker thread -----------------------------------------------------------
 
@@ -379,21 +314,21 @@ class ImageEngine:
             job.post(LOADING)
         started = time.monotonic()
         try:
-            self.pipeline, self.device = self._loader(self.section)
+            self.pipeline, self.device = self._loader(self.settings)
         except ImageEngineUnavailable as exc:
             self._load_error, self._load_failed_at = str(exc), self._clock()
             log.warning("drawing is unavailable: %s", exc)
             raise
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self._load_error = f"draw.model {self.section.model!r} could not be loaded: {first}"
+            self._load_error = f"draw.model {self.settings.model!r} could not be loaded: {first}"
             self._load_failed_at = self._clock()
             log.warning("drawing is unavailable: %s", self._load_error, exc_info=True)
             raise ImageEngineUnavailable(self._load_error) from exc
         self._load_error = self._load_failed_at = None
         log.info(
             "image model %s loaded on %s in %.1f s",
-            self.section.model,
+            self.settings.model,
             self.device,
             time.monotonic() - started,
         )
@@ -420,7 +355,7 @@ class ImageEngine:
                     job.settings.height,
                     job.settings.steps,
                 )
-                self._free_memory()
+                free_memory()
                 job.post(FAILED, DrawFailure(OOM))
             else:
                 log.exception("drawing failed")
@@ -467,10 +402,3 @@ class ImageEngine:
         if job.cancelled.is_set():
             raise _Interrupted
         return (b"" if flagged else encode_png(output.images[0])), flagged
-
-    def _free_memory(self) -> None:
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()

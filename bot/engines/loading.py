@@ -1,22 +1,24 @@
-"""Loading a causal LM from a local directory or a hub id, on the right device.
-
-A hub id needs the network; when it can't be reached the error names the key
-to change instead of showing a stack of HTTP retries.
+"""One loader for every model the bot uses: the text model, the image pipeline
+and the training base. It picks the device, tells a local directory from a hub
+id, loads a hub id from the local cache first and from the network only when
+the hub answers, so an offline machine gets an error naming the key to change
+instead of a minute of HTTP retries.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
-from bot.config import TextSection
 from bot.engines import EngineUnavailable
+from bot.engines.settings import ModelSource
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def resolve_device(
@@ -42,11 +44,12 @@ def looks_local(name: str) -> bool:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all, checked in a few seconds
-    instead of the minute of retries a download attempt takes offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}:
+    """Whether the Hugging Face hub answers at all, checked in a few seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
         return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    endpoint = urlparse(constants.ENDPOINT)
     host = endpoint.hostname or "huggingface.co"
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
@@ -57,6 +60,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def model_missing_message(key: str, name: str) -> str:
+    """The text model's message (also used by `aigc-bot doctor`)."""
     if looks_local(name):
         return (
             f"{key} {name!r} does not exist: train the bundled model with `aigc-bot train` "
@@ -68,72 +72,114 @@ def model_missing_message(key: str, name: str) -> str:
     )
 
 
-def convert_conv1d_to_linear(model: Any) -> None:
-    """GPT-2 uses `Conv1D` (a transposed Linear); dynamic quantization only
-    knows `nn.Linear`, so swap each one for an equivalent Linear."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                in_features, out_features = child.weight.shape
-                linear = torch.nn.Linear(in_features, out_features)
-                linear.weight.data = child.weight.data.t().contiguous()
-                linear.bias.data = child.bias.data.clone()
-                setattr(module, name, linear)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
-def quantize_int8(model: Any) -> Any:
-    import torch
+def load_local_or_hub(
+    name: str,
+    load: Callable[[str, bool], T],
+    *,
+    missing: str,
+    invalid: str,
+    error: type[EngineUnavailable] = EngineUnavailable,
+) -> T:
+    """`load(path_or_id, local_files_only)` for a local directory (once) or a hub
+    id (from the cache, then from the network if the hub answers). `missing`
+    is the error when there is nothing to load; `invalid` (+ the cause's first
+    line) when a local directory does not load."""
+    local = looks_local(name)
+    if local and not Path(name).expanduser().is_dir():
+        raise error(missing)
+    target = str(Path(name).expanduser()) if local else name
+    try:
+        return load(target, True)
+    except Exception as exc:
+        log.debug("loading %s from local files failed", name, exc_info=True)
+        if local:
+            raise error(f"{invalid}: {_first_line(exc)}") from exc
+    if not hub_reachable():
+        raise error(missing)
+    try:
+        return load(target, False)
+    except Exception as exc:
+        log.debug("downloading %s failed", name, exc_info=True)
+        raise error(missing) from exc
 
-    convert_conv1d_to_linear(model)
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+def load_tokenizer(name: str, local_files_only: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
 
 
-def load_causal_lm(config: TextSection, key: str = "text.model") -> tuple[Any, Any, Any]:
-    """(model, tokenizer, device), model in eval mode; fp16 on CUDA, fp32 on CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained_lm(
+    name: str,
+    *,
+    missing: str,
+    invalid: str,
+    dtype: Any = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a causal LM in a local directory or on the hub;
+    the tokenizer always has an EOS token and a pad token."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    name = config.model
-    local = looks_local(name)
-    if local and not Path(name).expanduser().is_dir():
-        raise EngineUnavailable(model_missing_message(key, name))
-    device = resolve_device(config.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    try:
-        try:
-            # A hub id already in the local Hugging Face cache loads without the network.
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
-        except OSError:
-            if local:
-                raise
-            if not hub_reachable():
-                raise EngineUnavailable(model_missing_message(key, name)) from None
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as exc:
-        log.debug("loading %s failed", name, exc_info=True)
-        if local:
-            raise EngineUnavailable(
-                f"{key} {name!r} is not a loadable model: {exc}".splitlines()[0]
-            ) from exc
-        raise EngineUnavailable(model_missing_message(key, name)) from exc
+    def load(target: str, local_only: bool) -> tuple[Any, Any]:
+        tokenizer = load_tokenizer(target, local_only)
+        extra = {} if dtype is None else {"dtype": dtype}
+        model = AutoModelForCausalLM.from_pretrained(target, local_files_only=local_only, **extra)
+        return model, tokenizer
+
+    model, tokenizer = load_local_or_hub(name, load, missing=missing, invalid=invalid)
     if tokenizer.eos_token_id is None:
-        raise EngineUnavailable(f"{key} {name!r}: its tokenizer has no EOS token")
+        raise EngineUnavailable(f"{invalid}: its tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_causal_lm(source: ModelSource) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, device) for serving: eval mode, fp16 on CUDA, fp32 on CPU."""
+    import torch
+
+    device = resolve_device(source.device, source.device_key)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model, tokenizer = load_pretrained_lm(
+        source.name,
+        missing=model_missing_message(source.key, source.name),
+        invalid=f"{source.key} {source.name!r} is not a loadable model",
+        dtype=dtype,
+    )
     model.eval()
-    if config.quantize == "int8":
-        if device.type != "cpu":
-            raise EngineUnavailable(
-                "text.quantize = 'int8' works on the CPU only; set text.device = 'cpu'"
-            )
-        model = quantize_int8(model)
     model.to(device)
     return model, tokenizer, device
+
+
+def model_positions(model: Any) -> int:
+    config = model.config
+    return int(
+        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    """After an out-of-memory error: collect garbage and return cached GPU memory."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

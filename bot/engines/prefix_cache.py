@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-LayerKV = tuple[torch.Tensor, torch.Tensor]  # each [heads, tokens, head_dim]
+#: one conversation's keys and values: `[layers, 2, heads, tokens, head_dim]`
+KV = torch.Tensor
 
 
 @dataclass(slots=True)
 class _Entry:
     tokens: list[int]
-    layers: list[LayerKV]
+    layers: KV
     nbytes: int
 
 
@@ -49,7 +50,7 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, key: str, tokens: Sequence[int]) -> tuple[int, list[LayerKV] | None]:
+    def lookup(self, key: str, tokens: Sequence[int]) -> tuple[int, KV | None]:
         """How many leading `tokens` have cached keys/values, and those entries.
 
         At least one token is always left to encode, since the model needs an
@@ -66,13 +67,13 @@ class PrefixCache:
         self._entries.move_to_end(key)
         self.hits += 1
         self.reused_tokens += reuse
-        return reuse, [(k[:, :reuse], v[:, :reuse]) for k, v in entry.layers]
+        return reuse, entry.layers[..., :reuse, :]
 
-    def store(self, key: str, tokens: list[int], layers: list[LayerKV]) -> None:
+    def store(self, key: str, tokens: list[int], layers: KV) -> None:
         if not key or not self.max_bytes:
             return
         self.discard(key)
-        nbytes = sum(k.numel() * k.element_size() * 2 for k, _ in layers)
+        nbytes = layers.numel() * layers.element_size()
         if nbytes > self.max_bytes:
             return
         self._entries[key] = _Entry(tokens, layers, nbytes)

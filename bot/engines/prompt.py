@@ -8,8 +8,10 @@ the bot's turn up to its own EOS.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: On average, how many turns lie between two possible prompt starts.
 ANCHOR_EVERY = 4
@@ -28,7 +30,21 @@ def is_anchor(turn: str, every: int) -> bool:
 def encode_dialogue(
     tokenizer: Any, turns: Sequence[str], budget: int, *, anchor_every: int = ANCHOR_EVERY
 ) -> list[int]:
-    """Encode the newest turns that fit in `budget` tokens.
+    """The prompt's token ids: `fit_dialogue` with the tokenizer's turns."""
+    return fit_dialogue(
+        turns, budget, lambda turn: encode_turn(tokenizer, turn), anchor_every=anchor_every
+    )
+
+
+def fit_dialogue(
+    turns: Sequence[str],
+    budget: int,
+    encode: Callable[[str], list[T]],
+    *,
+    anchor_every: int = ANCHOR_EVERY,
+) -> list[T]:
+    """The newest turns that fit in `budget` units, each turn `encode(turn)`
+    (a list of units, e.g. token ids ending with EOS), concatenated.
 
     Whole turns are dropped from the oldest; if the newest turn alone is too
     long, its last `budget` tokens are kept (the end of a message is what the
@@ -42,10 +58,10 @@ def encode_dialogue(
     Anchors are chosen by content (a checksum, as in rsync's chunking), so the
     choice does not depend on how much history the caller loaded.
     """
-    kept: list[tuple[str, list[int]]] = []
     used = 0
+    kept: list[tuple[str, list[T]]] = []
     for turn in reversed(turns):
-        ids = encode_turn(tokenizer, turn)
+        ids = encode(turn)
         if used + len(ids) > budget:
             if not kept:
                 return ids[-budget:]

@@ -2,10 +2,13 @@
 
 The worker thread owns the model. Requests from every conversation go into a
 queue; the worker takes the first, waits up to `batch_wait_ms` for more (up to
-`max_batch_size`) and decodes them together; requests that arrive while a
-batch is decoding join it at the next step (continuous batching). Results flow
-back to the event loop with `call_soon_threadsafe`, so the loop never waits on
-the model.
+the batch size) and decodes them together; requests that arrive while a
+batch is decoding join it at the next step (continuous batching, see
+`bot.engines.decoding`). Results flow back to the event loop with
+`call_soon_threadsafe`, so the loop never waits on the model.
+
+A failure inside generation (an exception, out of memory) fails the requests
+of that batch with `EngineUnavailable`; the worker goes on with the next.
 """
 
 from __future__ import annotations
@@ -17,20 +20,22 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.config import TextSection
-from bot.engines import EngineUnavailable
-from bot.engines.loading import load_causal_lm
+from bot.engines import EngineObserver, EngineUnavailable, TextChunk, clean_reply
+from bot.engines.decoding import BatchDecoder, DecodeRequest
+from bot.engines.loading import free_memory, is_out_of_memory, load_causal_lm, model_positions
+from bot.engines.prefix_cache import PrefixCache
 from bot.engines.prompt import encode_dialogue
-from bot.messages import Text
+from bot.engines.settings import LocalEngineSettings
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_Event = tuple[str, str | BaseException, int]
 
 
 @dataclass(slots=True)
@@ -38,28 +43,31 @@ class _Pending:
     turns: list[str]
     conversation: str
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue[tuple[str, str | BaseException]]
-    request: Any = None  # DecodeRequest once the worker picks it up
-    cancelled: threading.Event | None = None
+    events: asyncio.Queue[_Event]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    request: DecodeRequest | None = None
 
 
 class LocalTextEngine:
     """Batched, streaming generation from a local or hub GPT-2-family model."""
 
-    def __init__(self, config: TextSection, metrics: Any = None) -> None:
-        self.config = config
-        self.metrics = metrics
+    def __init__(
+        self, settings: LocalEngineSettings, observer: EngineObserver | None = None
+    ) -> None:
+        self.settings = settings
+        self.observer = observer
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
-        self._decoder: Any = None
+        self._decoder: BatchDecoder | None = None
         self.tokenizer: Any = None
         self.model: Any = None
         self.device: Any = None
-        self.prompt_budget = config.max_history_tokens
+        self.prompt_budget = settings.max_history_tokens
         #: rows in each recent decode step (the decoder keeps running totals)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        self.failures = 0  # batches that failed inside generation
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -74,6 +82,7 @@ class LocalTextEngine:
         self._thread.start()
         await loaded
         if self._load_error is not None:
+            self._thread = None
             raise self._load_error
 
     async def close(self) -> None:
@@ -92,51 +101,55 @@ class LocalTextEngine:
         return self._queue.qsize()
 
     @property
-    def decoder(self) -> Any:
+    def decoder(self) -> BatchDecoder:
         """The `BatchDecoder` (its counters: steps, step_rows, joined)."""
+        assert self._decoder is not None, "the engine is not started"
         return self._decoder
 
     @property
-    def prefix_cache(self) -> Any:
+    def prefix_cache(self) -> PrefixCache | None:
         return self._decoder.cache if self._decoder is not None else None
+
+    @property
+    def kv_bytes(self) -> int:
+        """Key/value memory now held: the batch's slots and the prefix cache."""
+        if self._decoder is None:
+            return 0
+        return self._decoder.runner.nbytes + self._decoder.cache.bytes_used
 
     # -- requests --------------------------------------------------------------
 
-    async def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[Text]:
+    async def stream(
+        self, turns: Sequence[str], *, conversation: str = ""
+    ) -> AsyncIterator[TextChunk]:
         if not self.ready:
             raise EngineUnavailable("the text engine is not running")
         loop = asyncio.get_running_loop()
         pending = _Pending(list(turns), conversation, loop, asyncio.Queue())
-        pending.cancelled = threading.Event()
         self._queue.put(pending)
         self._observe_queue()
         try:
             while True:
-                kind, value = await pending.events.get()
-                if kind == "error":
-                    assert isinstance(value, BaseException)
+                kind, value, tokens = await pending.events.get()
+                if isinstance(value, BaseException):
                     raise value
-                assert isinstance(value, str)
                 if kind == "done":
-                    yield Text(self._clean(value), final=True)
+                    yield TextChunk(clean_reply(value), final=True, tokens=tokens)
                     return
-                yield Text(value.strip(), final=False)
+                yield TextChunk(value.strip(), final=False)
         finally:
-            pending.cancelled.set()
+            pending.cancelled.set()  # dropped at the next decode step if still running
 
     async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
-        async for reply in self.stream(turns, conversation=conversation):
-            if reply.final:
-                return reply.text
+        """The final reply's text ("" when the model said nothing)."""
+        async for chunk in self.stream(turns, conversation=conversation):
+            if chunk.final:
+                return chunk.text
         raise EngineUnavailable("the text engine stopped before answering")
 
-    def _clean(self, text: str) -> str:
-        cleaned = " ".join(text.replace("\ufffd", "").split())
-        return cleaned or self.config.fallback_reply
-
     def _observe_queue(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.labels("text").set(self._queue.qsize())
+        if self.observer is not None:
+            self.observer.observe_queue("text", self._queue.qsize())
 
     # -- worker thread -----------------------------------------------------------
 
@@ -146,7 +159,13 @@ class LocalTextEngine:
             self._load()
             self._ready.set()
         except BaseException as exc:  # reported to start(), which raises it
-            self._load_error = exc
+            self._load_error = (
+                exc
+                if isinstance(exc, EngineUnavailable)
+                else EngineUnavailable(f"{self.settings.model.key} could not be loaded: {exc}")
+            )
+            if not isinstance(exc, EngineUnavailable):
+                log.exception("loading the text model failed")
         finally:
             loop.call_soon_threadsafe(loaded.set_result, None)
         if self._load_error is not None:
@@ -162,53 +181,78 @@ class LocalTextEngine:
             self._fail_queued(EngineUnavailable("the text engine stopped"))
 
     def _load(self) -> None:
-        from bot.engines.decoding import BatchDecoder, SamplingSettings
-        from bot.engines.prefix_cache import PrefixCache
+        import torch
 
-        if self.config.threads:
-            import torch
+        from bot.engines.gpt2 import Gpt2Runner, supports
 
-            torch.set_num_threads(self.config.threads)
-
-        self.model, self.tokenizer, self.device = load_causal_lm(self.config)
-        positions = getattr(self.model.config, "n_positions", None) or getattr(
-            self.model.config, "max_position_embeddings", 1024
+        s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        model, self.tokenizer, self.device = load_causal_lm(s.model)
+        if not supports(model):
+            raise EngineUnavailable(
+                f"{s.model.key} {s.model.name!r} is a {type(model).__name__}; the local "
+                "engine serves GPT-2-family models (GPT2LMHeadModel): use text.engine = "
+                "'remote' for others"
+            )
+        if s.quantize == "int8" and self.device.type != "cpu":
+            raise EngineUnavailable(
+                "text.quantize = 'int8' works on the CPU only; set text.device = 'cpu'"
+            )
+        self.model = model
+        positions = model_positions(model)
+        max_new = s.sampling.max_new_tokens
+        self.prompt_budget = max(8, min(s.max_history_tokens, positions - max_new))
+        max_len = min(positions, self.prompt_budget + max_new)
+        slots, cache_bytes = self._memory_plan(Gpt2Runner.slot_bytes(model, max_len))
+        runner = Gpt2Runner(
+            model, slots=slots, max_len=max_len, device=self.device, quantize=s.quantize
         )
-        self.prompt_budget = max(
-            8, min(self.config.max_history_tokens, positions - self.config.max_new_tokens)
-        )
-        eos_id = self.tokenizer.eos_token_id
-        if eos_id is None:
-            raise EngineUnavailable(f"text.model {self.config.model!r} has no EOS token")
-        c = self.config
         self._decoder = BatchDecoder(
-            self.model,
+            runner,
             self.tokenizer,
-            eos_id=eos_id,
-            device=self.device,
-            prefix_cache=PrefixCache(c.kv_cache_mb * 1024 * 1024),
-            settings=SamplingSettings(
-                max_new_tokens=c.max_new_tokens,
-                temperature=c.temperature,
-                top_k=c.top_k,
-                top_p=c.top_p,
-                repetition_penalty=c.repetition_penalty,
-                greedy=c.greedy,
-                stream_interval_s=c.stream_interval_ms / 1000,
-            ),
-            max_rows=c.max_batch_size,
+            eos_id=self.tokenizer.eos_token_id,
+            prefix_cache=PrefixCache(cache_bytes),
+            settings=s.sampling,
             observe_rows=self._observe_step,
             on_tokens=self._count_tokens,
         )
-        log.info("text model %s loaded on %s", Path(c.model).name or c.model, self.device)
+        log.info(
+            "text model %s loaded on %s (%d rows, %.0f MB batch cache, %.0f MB prefix cache)",
+            Path(s.model.name).name or s.model.name,
+            self.device,
+            slots,
+            runner.nbytes / 2**20,
+            cache_bytes / 2**20,
+        )
+
+    def _memory_plan(self, slot_bytes: int) -> tuple[int, int]:
+        """(batch rows, prefix-cache bytes) within `kv_cache_mb`: the batch's own
+        cache first, and what is left for earlier turns."""
+        s = self.settings
+        budget = s.kv_cache_mb * 2**20
+        rows = s.max_batch_size
+        if not budget:
+            return rows, 0
+        if rows * slot_bytes > budget:
+            rows = max(1, budget // slot_bytes)
+            log.warning(
+                "text.kv_cache_mb = %d holds only %d rows of %d: the batch is limited to %d",
+                s.kv_cache_mb,
+                rows,
+                s.max_batch_size,
+                rows,
+            )
+        return rows, max(0, budget - rows * slot_bytes)
 
     def _collect(self) -> list[_Pending] | None:
         first = self._queue.get()
         if first is _STOP:
             return None
         batch = [first]
-        deadline = time.monotonic() + self.config.batch_wait_ms / 1000
-        while len(batch) < self.config.max_batch_size:
+        limit = self._decoder.max_rows if self._decoder is not None else 1
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while len(batch) < limit:
             timeout = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
@@ -220,11 +264,8 @@ class LocalTextEngine:
             batch.append(item)
         return batch
 
-    def _request(self, pending: _Pending) -> Any:
+    def _request(self, pending: _Pending) -> DecodeRequest | None:
         """The decoder's request for `pending`, or None if it was cancelled."""
-        from bot.engines.decoding import DecodeRequest
-
-        assert pending.cancelled is not None
         if pending.cancelled.is_set():
             return None
         ids = encode_dialogue(self.tokenizer, pending.turns, self.prompt_budget)
@@ -240,10 +281,10 @@ class LocalTextEngine:
         active = list(batch)  # everyone this run answers, latecomers included
         stopping = False
 
-        def admit(room: int) -> list[Any]:
+        def admit(room: int) -> list[DecodeRequest]:
             """Requests queued since the batch started, to join it now."""
             nonlocal stopping
-            joining = []
+            joining: list[DecodeRequest] = []
             while len(joining) < room and not stopping:
                 try:
                     item = self._queue.get_nowait()
@@ -266,33 +307,38 @@ class LocalTextEngine:
         if not requests:
             return
         try:
-            self._decoder.run(requests, admit=admit)
+            self.decoder.run(requests, admit=admit)
         except Exception as exc:
+            self.failures += 1
             log.exception("text generation failed for a batch of %d", len(active))
+            if is_out_of_memory(exc):
+                free_memory()
+            error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
             for pending in active:
-                self._send(
-                    pending, "error", EngineUnavailable(f"generation failed: {type(exc).__name__}")
-                )
+                self._send(pending, "error", error)
 
     def _count_tokens(self, count: int) -> None:
-        if self.metrics is not None and count:
-            self.metrics.generated_tokens.inc(count)
+        if self.observer is not None:
+            self.observer.count_tokens(count)
 
     def _observe_step(self, rows: int) -> None:
         self.batch_sizes.append(rows)
-        if self.metrics is not None:
-            self.metrics.batch_size.observe(rows)
+        if self.observer is not None:
+            self.observer.observe_batch(rows)
 
-    def _sender(self, pending: _Pending) -> Any:
+    def _sender(self, pending: _Pending) -> Callable[[str, bool], None]:
         def on_text(text: str, done: bool) -> None:
-            self._send(pending, "done" if done else "partial", text)
+            tokens = len(pending.request.generated) if pending.request is not None else 0
+            self._send(pending, "done" if done else "partial", text, tokens)
 
         return on_text
 
     @staticmethod
-    def _send(pending: _Pending, kind: str, value: str | BaseException) -> None:
+    def _send(pending: _Pending, kind: str, value: str | BaseException, tokens: int = 0) -> None:
+        if pending.cancelled.is_set() and kind != "error":
+            return
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            pending.loop.call_soon_threadsafe(pending.events.put_nowait, (kind, value))
+            pending.loop.call_soon_threadsafe(pending.events.put_nowait, (kind, value, tokens))
 
     def _fail_queued(self, error: BaseException) -> None:
         while True:

@@ -1,0 +1,99 @@
+"""From config sections to engines: the only place that reads `[text]` and
+`[draw]` for them (and the remote API key from the environment), so the
+engines themselves stay pure (`bot.engines.settings`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bot.config import DrawSection, TextSection, read_secret
+from bot.engines import EngineObserver, TextEngine
+from bot.engines.settings import (
+    LocalEngineSettings,
+    ModelSource,
+    RemoteEngineSettings,
+    SamplingSettings,
+)
+
+if TYPE_CHECKING:
+    from bot.draw.options import DrawSettings
+    from bot.engines.image import DrawRequest, ImageEngineSettings
+
+
+def sampling_settings(section: TextSection) -> SamplingSettings:
+    return SamplingSettings(
+        max_new_tokens=section.max_new_tokens,
+        temperature=section.temperature,
+        top_k=section.top_k,
+        top_p=section.top_p,
+        repetition_penalty=section.repetition_penalty,
+        greedy=section.greedy,
+        stream_interval_s=section.stream_interval_ms / 1000,
+    )
+
+
+def local_engine_settings(section: TextSection) -> LocalEngineSettings:
+    return LocalEngineSettings(
+        model=ModelSource(section.model, section.device),
+        sampling=sampling_settings(section),
+        quantize=section.quantize,
+        max_history_tokens=section.max_history_tokens,
+        threads=section.threads,
+        max_batch_size=section.max_batch_size,
+        batch_wait_ms=section.batch_wait_ms,
+        kv_cache_mb=section.kv_cache_mb,
+    )
+
+
+def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:
+    key = read_secret(section.api_key_env)
+    return RemoteEngineSettings(
+        url=section.remote_url,
+        model=section.remote_model or section.model,
+        tokenizer=section.model,
+        api_key=key.get_secret_value() if key is not None else None,
+        sampling=sampling_settings(section),
+        max_history_tokens=section.max_history_tokens,
+        request_timeout_s=section.request_timeout_s,
+        retries=section.remote_retries,
+        retry_backoff_s=section.remote_backoff_s,
+    )
+
+
+def build_text_engine(section: TextSection, observer: EngineObserver | None = None) -> TextEngine:
+    """The engine `[text] engine` names, not started yet."""
+    if section.engine == "remote":
+        from bot.engines.remote import RemoteTextEngine
+
+        return RemoteTextEngine(remote_engine_settings(section), observer)
+    from bot.engines.text import LocalTextEngine
+
+    return LocalTextEngine(local_engine_settings(section), observer)
+
+
+def image_engine_settings(section: DrawSection) -> ImageEngineSettings:
+    from bot.engines.image import ImageEngineSettings
+
+    return ImageEngineSettings(
+        model=section.model,
+        device=section.device,
+        attention_slicing=section.attention_slicing,
+        cpu_offload=section.cpu_offload,
+        max_queue=section.max_queue,
+        retry_load_after_s=section.retry_load_after_s,
+    )
+
+
+def draw_request(settings: DrawSettings) -> DrawRequest:
+    """What the image engine draws for a parsed and clamped `/draw`."""
+    from bot.engines.image import DrawRequest
+
+    return DrawRequest(
+        prompt=settings.prompt,
+        negative=settings.negative,
+        seed=settings.seed,
+        steps=settings.steps,
+        width=settings.width,
+        height=settings.height,
+        guidance=settings.guidance,
+    )

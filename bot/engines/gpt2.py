@@ -1,0 +1,238 @@
+"""A lean GPT-2 forward pass over a preallocated, slot-based key/value cache.
+
+The transformers model supplies the weights (shared, not copied) and nothing
+else: no per-step cache objects, mask builders or module hooks, so a decode
+step is about a hundred tensor operations whatever the batch. The cache is one
+tensor per layer for keys and one for values, `[slots, heads, positions + 1,
+head_dim]`; row `i` of a batch lives in slot `i` at its own absolute positions
+(no padding inside a row), and the last column is scratch for the padding of
+a prefill. Attention over a row reads only its own slot, masked to its length.
+
+Only the engine's worker thread calls this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bot.engines import EngineUnavailable
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+_TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}
+
+
+def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name in _TANH_GELU:
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    from transformers.activations import ACT2FN
+
+    fn: Callable[[torch.Tensor], torch.Tensor] = ACT2FN[name]
+    return fn
+
+
+def _conv1d(module: Any) -> Linear:
+    """GPT-2's `Conv1D` (weight `[in, out]`) as `x @ W + b`, sharing its tensors."""
+    weight, bias = module.weight.detach(), module.bias.detach()
+    return lambda x: torch.addmm(bias, x, weight)
+
+
+def _int8(module: Any) -> Linear:
+    """`Conv1D` with int8 weights (per output channel) and int8 activations
+    (per row, quantized on the fly), multiplied by `torch._int_mm`."""
+    weight = module.weight.detach().float()
+    scale = (weight.abs().amax(dim=0) / 127.0).clamp(min=1e-8)
+    quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+    bias = module.bias.detach().float()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x_scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
+        x8 = (x / x_scale).round_().to(torch.int8)
+        if x8.shape[0] <= 16:  # _int_mm wants more than 16 rows
+            padded = x8.new_zeros((17, x8.shape[1]))
+            padded[: x8.shape[0]] = x8
+            product = torch._int_mm(padded, quantized)[: x8.shape[0]]
+        else:
+            product = torch._int_mm(x8, quantized)
+        return torch.addcmul(bias, product.float(), x_scale * scale)
+
+    return forward
+
+
+def supports(model: Any) -> bool:
+    return type(model).__name__ == "GPT2LMHeadModel"
+
+
+class Gpt2Runner:
+    """Prefill and decode for up to `slots` rows of at most `max_len` tokens each."""
+
+    def __init__(
+        self, model: Any, *, slots: int, max_len: int, device: torch.device, quantize: str = "none"
+    ) -> None:
+        if not supports(model):
+            raise EngineUnavailable(
+                f"the local engine serves GPT-2-family models (GPT2LMHeadModel), not "
+                f"{type(model).__name__}: set text.model to one, or use text.engine = 'remote'"
+            )
+        config = model.config
+        if getattr(config, "add_cross_attention", False):
+            raise EngineUnavailable("GPT-2 models with cross-attention are not supported")
+        self.model = model
+        self.device = device
+        self.layers = int(config.n_layer)
+        self.heads = int(config.n_head)
+        self.width = int(config.n_embd)
+        self.head_dim = self.width // self.heads
+        self.vocab = int(config.vocab_size)
+        self.max_len = max_len
+        self.slots = slots
+        self.eps = float(config.layer_norm_epsilon)
+        self.act = _activation(str(config.activation_function))
+        base = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        inverse = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
+        self.scales = [base / (index + 1 if inverse else 1) for index in range(self.layers)]
+        transformer = model.transformer
+        linear = _int8 if quantize == "int8" else _conv1d
+        self.blocks = [
+            (
+                (block.ln_1.weight.detach(), block.ln_1.bias.detach()),
+                linear(block.attn.c_attn),
+                linear(block.attn.c_proj),
+                (block.ln_2.weight.detach(), block.ln_2.bias.detach()),
+                linear(block.mlp.c_fc),
+                linear(block.mlp.c_proj),
+            )
+            for block in transformer.h
+        ]
+        self.wte = transformer.wte.weight.detach()
+        self.wpe = transformer.wpe.weight.detach()
+        self.ln_f = (transformer.ln_f.weight.detach(), transformer.ln_f.bias.detach())
+        self.lm_head = model.lm_head.weight.detach()
+        dtype = self.wte.dtype
+        shape = (self.layers, slots, self.heads, max_len + 1, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._sdpa = device.type == "cuda"
+
+    @staticmethod
+    def slot_bytes(model: Any, max_len: int) -> int:
+        """Memory of one slot's keys and values."""
+        config = model.config
+        element = next(model.parameters()).element_size()
+        return 2 * int(config.n_layer) * (max_len + 1) * int(config.n_embd) * element
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    # -- the cache ---------------------------------------------------------------
+
+    def export(self, slot: int, length: int) -> torch.Tensor:
+        """A copy of the slot's first `length` positions: `[layers, 2, heads, length, dim]`."""
+        return torch.stack(
+            (self.keys[:, slot, :, :length], self.values[:, slot, :, :length]), dim=1
+        ).clone()
+
+    def load(self, slot: int, layers: torch.Tensor) -> None:
+        """Put exported keys/values (`[layers, 2, heads, n, dim]`) at positions 0..n-1."""
+        length = layers.shape[-2]
+        self.keys[:, slot, :, :length] = layers[:, 0]
+        self.values[:, slot, :, :length] = layers[:, 1]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+
+    # -- forward passes ----------------------------------------------------------
+
+    def prefill(
+        self, first_slot: int, fresh: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> torch.Tensor:
+        """Encode row i's `fresh` tokens at positions `starts[i]`.. in slot
+        `first_slot + i` (positions before `starts[i]` must hold its cached
+        prefix). Returns each row's next-token logits, `[rows, vocab]`."""
+        rows, device = len(fresh), self.device
+        width = max(len(ids) for ids in fresh)
+        ids = torch.zeros((rows, width), dtype=torch.long)
+        positions = torch.full((rows, width), self.max_len, dtype=torch.long)  # pads: scratch
+        for index, (tokens, start) in enumerate(zip(fresh, starts, strict=True)):
+            ids[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            positions[index, : len(tokens)] = torch.arange(start, start + len(tokens))
+        ids, positions = ids.to(device), positions.to(device)
+        span = int(max(start + len(tokens) for tokens, start in zip(fresh, starts, strict=True)))
+        # query t of row i sees keys 0 .. starts[i] + t (its prefix and its own past)
+        reach = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
+        visible = torch.arange(span, device=device)[None, None, :] <= reach[:, :, None]
+        slots = torch.arange(first_slot, first_slot + rows, device=device)
+        embed_positions = positions.clamp(max=self.wpe.shape[0] - 1)
+        x = (F.embedding(ids, self.wte) + F.embedding(embed_positions, self.wpe)).view(
+            rows * width, self.width
+        )
+        hidden = self._blocks(
+            x, (rows, width), (slots[:, None], positions), first_slot, span, visible[:, None]
+        )
+        last = torch.tensor([len(tokens) - 1 for tokens in fresh], device=device)
+        hidden = hidden.view(rows, width, self.width)[torch.arange(rows, device=device), last]
+        return self._logits(hidden)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of rows 0..n-1 at `positions`; their next-token logits."""
+        rows, device = tokens.shape[0], self.device
+        span = int(positions.max().item()) + 1
+        x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
+        visible = torch.arange(span, device=device)[None, :] <= positions[:, None]
+        slots = torch.arange(rows, device=device)
+        hidden = self._blocks(x, (rows, 1), (slots, positions), 0, span, visible[:, None, None])
+        return self._logits(hidden)
+
+    def _blocks(
+        self,
+        x: torch.Tensor,
+        shape: tuple[int, int],
+        where: tuple[torch.Tensor, torch.Tensor],
+        first_slot: int,
+        span: int,
+        visible: torch.Tensor,
+    ) -> torch.Tensor:
+        rows, width = shape
+        heads, dim, d_model = self.heads, self.head_dim, self.width
+        slot_range = slice(first_slot, first_slot + rows)
+        hidden_mask = None if self._sdpa else visible.logical_not()
+        for layer, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
+            h = F.layer_norm(x, (d_model,), ln_1[0], ln_1[1], self.eps)
+            qkv = c_attn(h).view(rows, width, 3, heads, dim)
+            query, key, value = qkv.unbind(2)
+            keys, values = self.keys[layer], self.values[layer]
+            if width == 1:
+                keys[where[0], :, where[1]] = key[:, 0]
+                values[where[0], :, where[1]] = value[:, 0]
+            else:
+                keys[where[0], :, where[1]] = key
+                values[where[0], :, where[1]] = value
+            k = keys[slot_range, :, :span]
+            v = values[slot_range, :, :span]
+            q = query.transpose(1, 2)
+            if self._sdpa:
+                attended = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=visible, scale=self.scales[layer]
+                )
+            else:
+                assert hidden_mask is not None
+                scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scales[layer])
+                attended = torch.matmul(scores.masked_fill_(hidden_mask, -math.inf).softmax(-1), v)
+            x = x + c_proj(attended.transpose(1, 2).reshape(rows * width, d_model))
+            h = F.layer_norm(x, (d_model,), ln_2[0], ln_2[1], self.eps)
+            x = x + mlp_proj(self.act(c_fc(h)))
+        return x
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = F.layer_norm(hidden, (self.width,), self.ln_f[0], self.ln_f[1], self.eps)
+        return F.linear(hidden, self.lm_head)

@@ -1,0 +1,63 @@
+"""The engines' own settings: small frozen dataclasses, built from the config by
+`bot.engine_settings` (engines never see `bot.config` or the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model comes from and where it runs. `key` and `device_key` name
+    the settings in error messages (e.g. "text.model")."""
+
+    name: str
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    key: str = "text.model"
+    device_key: str = "text.device"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSettings:
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    greedy: bool = False
+    #: EOS is impossible before this many tokens (the bench sets it to max_new_tokens)
+    min_new_tokens: int = 0
+    #: Partial texts are sent at most this often per request (0: every token).
+    stream_interval_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalEngineSettings:
+    model: ModelSource
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    #: "none" or "int8" (int8 weights with dynamic int8 activations, CPU only)
+    quantize: str = "none"
+    max_history_tokens: int = 256
+    #: torch CPU threads (0: torch's default)
+    threads: int = 0
+    max_batch_size: int = 32
+    batch_wait_ms: float = 10.0
+    #: all key/value memory: the running batch's cache and the per-conversation
+    #: prefix cache together (0: no prefix cache; the batch still gets its own)
+    kv_cache_mb: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteEngineSettings:
+    url: str
+    model: str
+    #: a local directory or cached hub id whose tokenizer measures prompts ("" = estimate)
+    tokenizer: str = ""
+    api_key: str | None = field(default=None, repr=False)
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    max_history_tokens: int = 256
+    request_timeout_s: float = 60.0
+    #: a request that fails to connect or gets a 5xx/429 is retried this often
+    retries: int = 2
+    #: first backoff; doubled after each retry
+    retry_backoff_s: float = 0.5
