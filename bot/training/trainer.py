@@ -363,65 +363,20 @@ def _new_model(tokenizer: Any, options: TrainOptions) -> Any:
 
 
 def _load_pretrained(name: str, what: str) -> tuple[Any, Any]:
-    """Model and tokenizer from a directory or a hub id; errors name `what`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """Model and tokenizer from a directory or a hub id (the engines' loader);
+    errors name `what`."""
+    from bot.engines.loading import load_pretrained_lm, looks_local
 
-    from bot.engines.loading import looks_local
-
-    hf_logging.disable_progress_bar()
-    local = looks_local(name)
-    if local and not Path(name).expanduser().is_dir():
-        raise EngineUnavailable(
-            f"{what} {name!r} does not exist: pass a model directory or a hub id"
+    if looks_local(name):
+        missing = f"{what} {name!r} does not exist: pass a model directory or a hub id"
+    else:
+        missing = (
+            f"{what} {name!r} could not be loaded from the Hugging Face hub (no network?): "
+            f"pass {what} a local model directory"
         )
-    unreachable = EngineUnavailable(
-        f"{what} {name!r} could not be loaded from the Hugging Face hub (no network?): "
-        f"pass {what} a local model directory"
+    return load_pretrained_lm(
+        name, missing=missing, invalid=f"{what} {name!r} is not a loadable model"
     )
-    if not local and not _in_hub_cache(name) and not _hub_reachable():
-        raise unreachable
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local)
-    except (OSError, ValueError) as exc:
-        if local:
-            raise EngineUnavailable(
-                f"{what} {name!r} is not a loadable model: {str(exc).splitlines()[0]}"
-            ) from None
-        raise unreachable from None
-    if tokenizer.eos_token_id is None:
-        raise EngineUnavailable(f"{what} {name!r}: its tokenizer has no EOS token")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
-
-
-def _in_hub_cache(name: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # a malformed id and the like: let from_pretrained explain
-        return False
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so an offline machine gets the error at once
-    instead of after a minute of HTTP retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _positions(model: Any) -> int:
