@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from storage.base import Repository, guarded
+from storage.base import Repository, guarded, iso
 from storage.models import UnansweredQuestion
 
 
@@ -21,6 +21,15 @@ class UnansweredSummary:
     last_at: datetime
     best_id: str | None
     best_score: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "text": self.text,
+            "count": self.count,
+            "last_at": iso(self.last_at),
+            "best_id": self.best_id,
+            "best_score": self.best_score,
+        }
 
 
 def normalize_question(text: str) -> str:

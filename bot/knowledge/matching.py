@@ -1,0 +1,133 @@
+"""From a message's embedding to a decision: answer, suggest, or fall back.
+
+The score an entry gets is `sigmoid(SLOPE * logit + OFFSET)`, where `logit` is
+the FAQ classifier's centred logit for it. SLOPE and OFFSET were fitted on
+examples/faq-dev.jsonl (with random subsets of the FAQ, so that it holds for
+FAQs of other sizes) to estimate the probability that the top entry is the
+right one: `answer_threshold = 0.6` then means "answer when at least 60% sure".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from bot.knowledge.faq import FaqEntry
+from bot.knowledge.index import FaqIndex, Vectors
+
+#: Calibration of the classifier's top logit (see the module docstring).
+SLOPE = 3.48
+OFFSET = -7.84
+#: At most this many questions are offered in "Did you mean ...?".
+MAX_SUGGESTIONS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """The entries ranked for one message, best first, with their scores."""
+
+    ranked: tuple[tuple[FaqEntry, float], ...]
+
+    @property
+    def best(self) -> FaqEntry:
+        return self.ranked[0][0]
+
+    @property
+    def score(self) -> float:
+        return self.ranked[0][1]
+
+
+def calibrate(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-(SLOPE * logit + OFFSET)))
+
+
+def rank(index: FaqIndex, vectors: Vectors) -> list[Match]:
+    """One `Match` per row of `vectors` (embeddings of normalised messages)."""
+    logits = index.logits(vectors)
+    matches = []
+    for row in logits:
+        order = np.argsort(-row, kind="stable")
+        matches.append(
+            Match(tuple((index.entries[int(k)], calibrate(float(row[k]))) for k in order))
+        )
+    return matches
+
+
+def nearest_neighbour(index: FaqIndex, vectors: Vectors) -> list[Match]:
+    """The baseline: each entry scored by its closest question's cosine."""
+    similarity = index.nearest(vectors)
+    matches = []
+    for row in similarity:
+        order = np.argsort(-row, kind="stable")
+        matches.append(Match(tuple((index.entries[int(k)], float(row[k])) for k in order)))
+    return matches
+
+
+def suggestions(match: Match, suggest_threshold: float) -> tuple[FaqEntry, ...]:
+    """The best entry and up to two more that also reach `suggest_threshold`."""
+    chosen = [match.best]
+    for entry, score in match.ranked[1:MAX_SUGGESTIONS]:
+        if score >= suggest_threshold:
+            chosen.append(entry)
+    return tuple(chosen)
+
+
+def suggestion_text(entries: tuple[FaqEntry, ...]) -> str:
+    """ "Did you mean …?" with each entry's first question (its title)."""
+    if len(entries) == 1:
+        return f'Did you mean "{entries[0].questions[0]}"? Reply "yes", or ask in other words.'
+    lines = [f"{number}. {entry.questions[0]}" for number, entry in enumerate(entries, 1)]
+    return "\n".join(
+        ["Did you mean one of these?", *lines, "Reply with its number, or ask in other words."]
+    )
+
+
+# -- replies to a suggestion ------------------------------------------------------
+
+_ORDINALS = {
+    "1": 0,
+    "first": 0,
+    "1st": 0,
+    "2": 1,
+    "two": 1,
+    "second": 1,
+    "2nd": 1,
+    "3": 2,
+    "three": 2,
+    "third": 2,
+    "3rd": 2,
+}
+_YES = frozenset(
+    "yes yeah yep yup ya yea y sure ok okay correct right exactly indeed please".split()
+)
+_FILLER = frozenset(
+    "the a an one number no option question it is its that this i mean meant want "
+    "please pls that's thats it's one's first-one".split()
+)
+_TOKEN = re.compile(r"[a-z0-9']+")
+_LAST = frozenset({"last", "latter"})
+
+
+def chosen_suggestion(reply: str, offered: int) -> int | None:
+    """Which of `offered` suggestions a short reply picks ("2", "the second
+    one", "yes" when there was one), as a 0-based position; None otherwise."""
+    tokens = _TOKEN.findall(reply.lower().replace("#", " "))
+    if not tokens or len(tokens) > 6:
+        return None
+    picks = {_ORDINALS[token] for token in tokens if token in _ORDINALS}
+    if not picks and "one" in tokens:  # "one", "number one" (but "the second one" is 2)
+        picks.add(0)
+    if any(token in _LAST for token in tokens):
+        picks.add(offered - 1)
+    rest = [t for t in tokens if t not in _ORDINALS and t not in _LAST and t not in _FILLER]
+    if len(picks) == 1:
+        pick = picks.pop()
+        if pick < offered and all(t in _YES for t in rest):
+            return pick
+        return None
+    if not picks and offered == 1 and tokens[0] in _YES and all(t in _YES for t in rest):
+        return 0
+    return None
