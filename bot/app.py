@@ -1,27 +1,41 @@
-"""Wiring and lifetime: open the store, start the engines, build the manager,
-run the channels, and tear everything down in reverse on shutdown."""
+"""Wiring and lifetime: open the store, start the engines and services, build
+the manager, run the channels, and tear everything down in reverse.
+
+    BotApp.__aenter__   store -> event bus -> text engine -> drawing ->
+                        knowledge -> handoff -> governance -> manager
+    serve()             channels start (one that cannot is logged, the others
+                        serve) -> unanswered messages are answered -> wait for
+                        SIGINT/SIGTERM -> finish replies in flight -> stop
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
 from types import TracebackType
 from typing import Any
 
+from bot.bus import EventBus, LocalBus, RedisBus
 from bot.channels import Channel, Services, channel_classes
+from bot.commands import CommandRegistry
 from bot.config import Config
-from bot.engines import EngineUnavailable, TextEngine, create_text_engine
+from bot.delivery import Delivery
+from bot.engines import EngineUnavailable, TextEngine
+from bot.errors import StartupError
 from bot.manager import ConversationManager
 from bot.metrics import Metrics
-from storage import Store
+from bot.ports import DrawPort, GovernancePort, HandoffPort, KnowledgePort
+from bot.recovery import Recovery
+from bot.web_services import WebServices
+from storage import StorageUnavailable, Store
+
+__all__ = ["BotApp", "StartupError", "chat", "serve"]
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(Exception):
-    """The bot cannot start; the message is one line for the operator."""
 
 
 class BotApp:
@@ -30,36 +44,86 @@ class BotApp:
     def __init__(self, config: Config, *, engine: TextEngine | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.commands = CommandRegistry()
         self._engine = engine
+        self._stack = contextlib.AsyncExitStack()
         self.store: Store | None = None
+        self.bus: EventBus = LocalBus()
         self.engine: TextEngine | None = None
-        self.drawer: Any = None
+        self.drawer: DrawPort | None = None
+        self.knowledge: KnowledgePort | None = None
+        self.handoff: HandoffPort | None = None
+        self.governance: GovernancePort | None = None
+        self.delivery: Delivery | None = None
         self.manager: ConversationManager | None = None
+        self.channels: list[Channel] = []
 
     async def __aenter__(self) -> BotApp:
-        from storage import StorageUnavailable
+        try:
+            await self._open()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
 
+    async def _open(self) -> None:
+        config = self.config
         try:
             self.store = await Store.open(
-                self.config.storage.url,
-                busy_timeout_ms=self.config.storage.busy_timeout_ms,
-                echo=self.config.storage.echo,
+                config.storage.url,
+                busy_timeout_ms=config.storage.busy_timeout_ms,
+                echo=config.storage.echo,
             )
         except StorageUnavailable as exc:
             raise StartupError(f"storage.url: the database cannot be opened ({exc})") from exc
+        self._stack.push_async_callback(self.store.close)
+        self.bus = await self._start_bus()
+        self.delivery = Delivery(self.store, self.metrics)
         try:
-            self.engine = self._engine or create_text_engine(self.config.text, self.metrics)
+            from bot.engine_settings import build_text_engine
+
+            self.engine = self._engine or build_text_engine(config.text, self.metrics)
             await self.engine.start()
         except EngineUnavailable as exc:
-            await self.store.close()
             raise StartupError(str(exc)) from exc
+        self._stack.push_async_callback(self.engine.close)
         self.drawer = await self._start_drawer()
+        self.knowledge = await self._start_knowledge()
         self.manager = ConversationManager(
-            self.config, self.store, self.engine, drawer=self.drawer, metrics=self.metrics
+            config,
+            self.store,
+            self.engine,
+            commands=self.commands,
+            drawer=self.drawer,
+            metrics=self.metrics,
+            knowledge=self.knowledge,
+            handoff=self.handoff,
+            governance=self.governance,
         )
-        return self
+        self._stack.push_async_callback(self.manager.close)
 
-    async def _start_drawer(self) -> Any:
+    async def _start_bus(self) -> EventBus:
+        storage = self.config.storage
+        bus: EventBus
+        if storage.redis_url:
+            bus = RedisBus(storage.redis_url)
+        elif self.store is not None and self.store.dialect == "postgresql":
+            from bot.bus_postgres import PostgresBus
+
+            bus = PostgresBus(storage.url)
+        else:
+            bus = LocalBus()
+        try:
+            await bus.start()
+        except Exception as exc:
+            where = "storage.redis_url" if storage.redis_url else "storage.url"
+            raise StartupError(
+                f"{where}: the event bus cannot connect ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._stack.push_async_callback(bus.close)
+        return bus
+
+    async def _start_drawer(self) -> DrawPort | None:
         if not self.config.draw.enabled:
             return None
         from bot.draw.service import DrawService
@@ -67,7 +131,27 @@ class BotApp:
         assert self.store is not None
         drawer = DrawService(self.config, self.store, metrics=self.metrics)
         await drawer.start()
+        self._stack.push_async_callback(drawer.close)
         return drawer
+
+    async def _start_knowledge(self) -> KnowledgePort | None:
+        if not self.config.knowledge.faq:
+            return None
+        from bot.knowledge import KnowledgeError, KnowledgeService
+
+        assert self.store is not None
+        try:
+            service = KnowledgeService.create(self.config, self.store, self.metrics)
+        except KnowledgeError as exc:
+            raise StartupError(str(exc)) from exc
+        if service is None:
+            return None
+        try:
+            await service.start()
+        except KnowledgeError as exc:
+            raise StartupError(str(exc)) from exc
+        self._stack.push_async_callback(service.close)
+        return service
 
     async def __aexit__(
         self,
@@ -75,39 +159,53 @@ class BotApp:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.manager is not None:
-            await self.manager.close()
-        if self.drawer is not None:
-            await self.drawer.close()
-        if self.engine is not None:
-            await self.engine.close()
-        if self.store is not None:
-            await self.store.close()
+        await self._stack.aclose()
+
+    async def health_problems(self) -> list[str]:
+        """What `/healthz` reports as wrong; [] when all is well."""
+        problems = []
+        if self.engine is None or not self.engine.ready:
+            problems.append("text engine not ready")
+        try:
+            assert self.store is not None
+            await self.store.ping()
+        except StorageUnavailable:
+            problems.append("database unreachable")
+        for channel in self.channels:
+            if channel.health.state == "down":
+                problems.append(f"{channel.name} channel down: {channel.health.detail}")
+        return problems
 
     @property
     def services(self) -> Services:
-        assert self.manager is not None and self.store is not None and self.engine is not None
-        engine = self.engine
+        assert self.manager is not None and self.store is not None and self.delivery is not None
         return Services(
             config=self.config,
             handle=self.manager.handle,
-            store=self.store,
+            commands=self.commands,
+            delivery=self.delivery,
+            web=WebServices(self.store, self.health_problems),
+            bus=self.bus,
             metrics=self.metrics,
-            engine_ready=lambda: engine.ready,
         )
 
     def build_channels(self, *, only: str | None = None) -> list[Channel]:
         """Instantiate the channels `run` starts (or just the one named)."""
+        services = self.services
         channels: list[Channel] = []
         for name, cls in sorted(channel_classes().items()):
             if only is not None and name != only:
                 continue
             if only is None and not cls.in_run:
                 continue
-            channel = cls.create(self.services)
+            channel = cls.create(services)
             if channel is not None:
                 channels.append(channel)
+        self.channels = channels
         return channels
+
+    def channel_states(self) -> dict[str, dict[str, str]]:
+        return {c.name: {"state": c.health.state, "detail": c.health.detail} for c in self.channels}
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
@@ -122,16 +220,30 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         if not channels:
             raise StartupError("no channel is enabled: enable [web], [telegram] or [discord]")
         started: list[Channel] = []
+        assert app.manager is not None and app.store is not None and app.delivery is not None
+        recovery = Recovery(app.manager, app.delivery, host=socket.gethostname(), pid=os.getpid())
         try:
-            for channel in channels:
-                await channel.start()
+            # Together, so that a platform slow to answer holds up none of the others.
+            results = await asyncio.gather(
+                *(channel.start() for channel in channels), return_exceptions=True
+            )
+            for channel, result in zip(channels, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, Exception):
+                        raise result
+                    log.error("the %s channel could not start: %s", channel.name, result)
+                    channel.health.state, channel.health.detail = "down", str(result)
+                    continue
                 started.append(channel)
                 log.info("%s channel started", channel.name)
+            if not started:
+                raise StartupError("no channel could start (see the log above)")
+            await recovery.start()
             await stop.wait()
             log.info("shutting down: finishing replies in flight")
-            assert app.manager is not None
             await app.manager.close()
         finally:
+            await recovery.close()
             for channel in reversed(started):
                 try:
                     await channel.stop()
@@ -145,11 +257,11 @@ async def chat(config: Config, *, user: str = "local") -> int:
         channels = app.build_channels(only="console")
         if not channels:
             raise StartupError("the console channel is not installed (pip install -e .)")
-        console = channels[0]
-        console.user_id = user  # type: ignore[attr-defined]
+        console: Any = channels[0]
+        console.user_id = user
         await console.start()
         try:
-            await console.wait_closed()  # type: ignore[attr-defined]
+            await console.wait_closed()
         finally:
             await console.stop()
     return 0

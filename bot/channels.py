@@ -1,9 +1,18 @@
-"""How platform adapters plug into the bot without the bot importing them.
+"""The adapter contract: how platform channels plug into the bot without the
+bot importing them.
 
-Adapters are registered under the `aigc_bot.adapters` entry-point group (see
-pyproject.toml) and built from `Services`: the message callback and the few
-shared resources a channel needs. A factory returns None when its channel is
-off (disabled, or its token env var unset), after logging why.
+A channel has two halves. Inbound, it turns platform events into `Incoming`
+and calls `Services.handle`, rendering the replies of that request. Outbound,
+it attaches an `OutboundChannel` to `Services.delivery`, through which the bot
+pushes replies to a stored conversation at any time (an operator's answer, an
+answer recovered after a crash). Both halves render through the same code per
+platform, so splitting, pacing and per-conversation order live in one place.
+
+Channels are registered under the `aigc_bot.adapters` entry-point group (see
+pyproject.toml) and built from `Services`. A factory returns None when its
+channel is off (disabled, or its token env var unset), after logging why.
+User-facing copy is in `bot.texts`; errors that reach adapters are
+`bot.errors.Unavailable` and `bot.errors.StartupError`.
 """
 
 from __future__ import annotations
@@ -12,11 +21,30 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from bot.config import Config
-from bot.messages import Incoming, Reply
-from storage import Store
+from bot.commands import CommandRegistry
+from bot.config import Config, read_secret
+from bot.errors import StartupError
+from bot.messages import Address, ConversationKey, Incoming, Reply
+from bot.metrics import Metrics
+
+if TYPE_CHECKING:
+    from bot.bus import EventBus
+    from bot.delivery import Delivery
+    from bot.handoff import OperatorDesk
+    from bot.web_services import WebServices
+
+__all__ = [
+    "Channel",
+    "ChannelState",
+    "Handler",
+    "OutboundChannel",
+    "Services",
+    "StartupError",
+    "channel_classes",
+    "platform_token",
+]
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "aigc_bot.adapters"
@@ -24,22 +52,46 @@ ENTRY_POINT_GROUP = "aigc_bot.adapters"
 Handler = Callable[[Incoming], AsyncIterator[Reply]]
 
 
+class OutboundChannel(Protocol):
+    """The outbound half of a channel: deliver one reply to a conversation's
+    address outside any request, after the replies already on their way to
+    that conversation."""
+
+    platform: str
+
+    async def push(self, conversation: ConversationKey, to: Address, reply: Reply) -> None: ...
+
+
+@dataclass(slots=True)
+class ChannelState:
+    """What `/healthz` reports for one channel: "up", "connecting", "down" or "off"."""
+
+    state: str = "connecting"
+    detail: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Services:
-    """What a channel gets: a callback into the manager and shared resources
+    """What a channel gets: a callback into the manager and the shared services
     whose lifetime the app owns."""
 
     config: Config
     handle: Handler
-    store: Store
-    metrics: Any
-    engine_ready: Callable[[], bool]
+    commands: CommandRegistry
+    delivery: Delivery
+    web: WebServices
+    bus: EventBus
+    metrics: Metrics
+    #: The operator console's API (handoff to people); None when handoff is off.
+    operator_desk: OperatorDesk | None = None
 
 
 class Channel(Protocol):
     name: ClassVar[str]
     #: False for channels that only run on request (the console).
     in_run: ClassVar[bool]
+    #: Reported on /healthz; kept up to date by the channel.
+    health: ChannelState
 
     @classmethod
     def create(cls, services: Services) -> Channel | None: ...
@@ -51,8 +103,6 @@ class Channel(Protocol):
 
 def platform_token(section: str, enabled: bool, token_env: str) -> str | None:
     """The token of a platform channel, or None after logging why the channel is off."""
-    from bot.config import read_secret
-
     if not enabled:
         log.info("%s channel is off: [%s] enabled = false", section, section)
         return None

@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional(sub, "bot.training.cli", "add_subcommands")
     _add_optional(sub, "bot.bench", "add_subcommand")
     _add_optional(sub, "bot.knowledge.cli", "add_subcommands")
+    _add_optional(sub, "bot.governance.cli", "add_subcommands")
     return parser
 
 

@@ -148,6 +148,7 @@ class NoticeKind(StrEnum):
     EMPTY = "empty"
     TOO_LONG = "too_long"
     RATE_LIMITED = "rate_limited"
+    FORBIDDEN = "forbidden"
     UNAVAILABLE = "unavailable"
     QUEUED = "queued"
     PROGRESS = "progress"

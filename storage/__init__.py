@@ -5,11 +5,18 @@ end a turn, count draws with these statuses) and leaves policy to `bot`.
 """
 
 from storage.base import StorageUnavailable, aware, iso
-from storage.conversations import Intake, PendingTurn, StoredMessage, TurnLock
+from storage.conversations import (
+    ConversationPlace,
+    Intake,
+    PendingTurn,
+    StoredMessage,
+    TurnLock,
+)
 from storage.people import ExportedConversation, ForgetResult, UserStats
 from storage.store import Store
 
 __all__ = [
+    "ConversationPlace",
     "ExportedConversation",
     "ForgetResult",
     "Intake",

@@ -74,6 +74,18 @@ class PendingTurn:
     handled_by: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ConversationPlace:
+    """Which conversation, and where its replies go on its platform."""
+
+    id: int
+    platform: str
+    chat_id: str
+    owner: str
+    #: {"chat_id", "user_id", "thread_id"} as of the user's latest message ({} if none).
+    address: dict[str, str]
+
+
 def lock_key(platform: str, chat_id: str, owner: str) -> int:
     """A stable signed 64-bit key for PostgreSQL advisory locks."""
     digest = hashlib.blake2b(f"{platform}\x1f{chat_id}\x1f{owner}".encode(), digest_size=8).digest()
@@ -446,8 +458,8 @@ class Conversations(Repository):
         return [StoredMessage(*row) for row in reversed(rows)]
 
     @guarded
-    async def address(self, conversation_id: int) -> tuple[str, dict[str, str]] | None:
-        """The platform and stored address of a conversation, or None if it is gone."""
+    async def locate(self, conversation_id: int) -> ConversationPlace | None:
+        """A conversation's key and the address stored with it, or None if it is gone."""
         query = select(
             _conversations.c.platform,
             _conversations.c.chat_id,
@@ -455,16 +467,37 @@ class Conversations(Repository):
             _conversations.c.address,
         ).where(_conversations.c.id == conversation_id)
 
-        def work(session: Session) -> tuple[str, dict[str, str]] | None:
+        def work(session: Session) -> ConversationPlace | None:
             row = session.connection().execute(query).first()
             if row is None:
                 return None
-            address = dict(row.address or {})
-            address.setdefault("chat_id", row.chat_id)
-            address.setdefault("user_id", row.owner)
-            return str(row.platform), address
+            return ConversationPlace(
+                conversation_id, row.platform, row.chat_id, row.owner, dict(row.address or {})
+            )
 
         return await self.db.read(work)
+
+    @guarded
+    async def ensure_active(
+        self, platform: str, chat_id: str, owner: str, address: dict[str, str] | None = None
+    ) -> tuple[int, str]:
+        """The active conversation's id and handoff state, created if there is none."""
+        key = {"platform": platform, "chat_id": chat_id, "owner": owner}
+
+        def work(session: Session) -> tuple[int, str]:
+            connection = session.connection()
+            if self.dialect == "postgresql":
+                connection.execute(_XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
+            found = connection.execute(_ACTIVE_CONVERSATION, key).first()
+            if found is not None:
+                return int(found.id), str(found.handoff_state)
+            result = connection.execute(
+                _INSERT_CONVERSATION,
+                {**key, "active": True, "started_at": utcnow(), "address": address},
+            )
+            return int(result.inserted_primary_key[0]), "bot"
+
+        return await self.db.write(work)
 
     @guarded
     async def reset(self, platform: str, chat_id: str, owner: str) -> bool:

@@ -167,6 +167,13 @@ def bot_env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture
+def unused_port() -> int:
+    from support.net import free_port
+
+    return free_port()
+
+
+@pytest.fixture
 async def running_app(make_config: Callable[..., Config]) -> AsyncIterator[Any]:
     """A started BotApp (store, engine, manager) on the tiny model."""
     from bot.app import BotApp

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -14,13 +15,14 @@ from typing import Any
 import discord
 import pytest
 from support.fakes.discord_server import FakeDiscord, Recorded
+from support.net import free_port
 
 import adapters.discord.channel as discord_adapter
 from adapters.discord import DiscordChannel
 from adapters.discord.commands import draw_text
-from adapters.discord.outbound import render
 from adapters.discord.routing import DEFAULT_API_BASE, Endpoints
-from bot.app import StartupError, serve
+from adapters.outbound import Renderer, Target
+from bot.app import serve
 from bot.config import Config
 from bot.messages import Image, Incoming, Notice, NoticeKind, Reply, Text, Typing
 
@@ -105,9 +107,13 @@ class LongEngine:
     async def close(self) -> None:
         pass
 
+    def text_for(self, turns: Sequence[str]) -> str:
+        return self.text
+
     async def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[Text]:
-        yield Text(self.text[:50], final=False)
-        yield Text(self.text, final=True)
+        text = self.text_for(turns)
+        yield Text(text[:50], final=False)
+        yield Text(text, final=True)
 
     async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
         return self.text
@@ -285,7 +291,7 @@ async def test_a_long_reply_is_split_whole_and_pings_nobody(
     long_text = paragraph * 20 + code + paragraph * 10
     assert len(long_text) > 3 * 2000
     engine = LongEngine(long_text)
-    monkeypatch.setattr("bot.app.create_text_engine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr("bot.engine_settings.build_text_engine", lambda *args, **kwargs: engine)
     # Discord rate-limits the first send: discord.py waits and retries it.
     fake = await FakeDiscord(token=TOKEN, rate_limit_posts=1).start()
     try:
@@ -386,19 +392,80 @@ async def test_one_failing_message_does_not_stop_the_others(
         ({"token": TOKEN, "gateway_close_code": 4014}, "Message Content Intent"),
     ],
 )
-async def test_startup_failures_are_one_clear_line(
+async def test_a_refused_token_or_intent_turns_discord_off_not_the_bot(
     make_config: Callable[..., Config],
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     fake_options: dict[str, Any],
     expected: str,
 ) -> None:
+    """One loud line; the channel reports "off" and the process keeps serving."""
     fake = await FakeDiscord(**fake_options).start()
     try:
-        with pytest.raises(StartupError, match=expected):
-            async with serving(discord_config(make_config, fake), monkeypatch):
-                pass
+        async with serving(discord_config(make_config, fake), monkeypatch) as [channel]:
+            assert channel.health.state == "off"
+            assert expected in channel.health.detail
     finally:
         await fake.close()
+    [line] = [r for r in caplog.records if r.levelno >= logging.ERROR and "discord" in r.message]
+    assert expected in line.getMessage() and "channel is off" in line.getMessage()
+    assert "\n" not in line.getMessage()
+
+
+async def test_discord_unreachable_at_start_is_retried_while_the_web_serves(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch, unused_port: int
+) -> None:
+    """Discord down: `serve` does not fail; the web channel answers, /healthz
+    names the Discord channel, and once Discord is back the bot connects."""
+    import aiohttp
+
+    monkeypatch.setattr(DiscordChannel, "connect_timeout_s", 0.5)
+    monkeypatch.setattr(DiscordChannel, "first_backoff_s", 0.2)
+    fake = FakeDiscord(token=TOKEN)
+    fake.port = unused_port  # nothing listens there yet
+    web_port = free_port()
+    config = make_config(
+        discord={"enabled": True, "api_base_url": fake.api_base},
+        web={"enabled": True, "port": web_port},
+        text={"greedy": True},
+    )
+    async with serving(config, monkeypatch) as [channel]:
+        assert channel.health.state == "down"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{web_port}/healthz") as response:
+                body = await response.json()
+            assert response.status == 503
+            assert any("discord" in problem for problem in body["problems"])
+            async with session.post(f"http://127.0.0.1:{web_port}/api/sessions") as response:
+                assert response.status == 201
+        await fake.start(port=unused_port)
+        try:
+            await fake.wait_for(lambda: channel.health.state == "up" or None, within_s=30)
+        finally:
+            await fake.close()
+
+
+async def test_replies_of_one_conversation_never_interleave_under_rate_limits(
+    fake: FakeDiscord, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first answer is two messages and Discord rate-limits its second
+    part; the answer to the next message, ready long before, waits for the
+    whole first answer instead of landing while discord.py waits out the 429."""
+    first = "first " * 500  # 3,000 characters: two Discord messages
+    engine = LongEngine(first)
+    answers = iter([first, "second answer"])
+    engine.text_for = lambda turns: next(answers)  # type: ignore[attr-defined]
+    monkeypatch.setattr("bot.engine_settings.build_text_engine", lambda *args, **kwargs: engine)
+    fake.rate_limit_post_numbers = {2}
+    async with serving(discord_config(make_config, fake), monkeypatch):
+        await fake.user_message(f"<@{fake.bot['id']}> one", mention_bot=True)
+        await fake.user_message(f"<@{fake.bot['id']}> two", mention_bot=True)
+        posts = await fake.wait_for(lambda: len(fake.posts(fake.channel_id)) >= 3 or None)
+        posts = fake.posts(fake.channel_id)
+    contents = [p.json["content"] for p in posts]
+    assert any("(429)" in r.path for r in fake.requests)
+    assert "".join(contents[:2]) == first
+    assert contents[2] == "second answer"
 
 
 @pytest.mark.parametrize(
@@ -420,14 +487,7 @@ async def test_discord_is_off_without_a_token_or_when_disabled(
     config = running_app.config.model_copy(
         update={"discord": running_app.config.discord.model_copy(update=settings)}
     )
-    services = running_app.services
-    services = type(services)(
-        config=config,
-        handle=services.handle,
-        store=services.store,
-        metrics=services.metrics,
-        engine_ready=services.engine_ready,
-    )
+    services = dataclasses.replace(running_app.services, config=config)
     with caplog.at_level(logging.INFO):
         assert DiscordChannel.create(services) is None
     assert why in caplog.text
@@ -510,45 +570,52 @@ def test_draw_options_become_one_command_line() -> None:
     )
 
 
-class RecordingTarget:
+class RecordingTarget(Target):
+    text_limit = 2000
+    typing_every_s = 60.0
+
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
 
-    @contextlib.asynccontextmanager
-    async def _typing(self) -> AsyncIterator[None]:
+    async def show_typing(self) -> None:
         self.events.append(("typing", True))
-        yield
-        self.events.append(("typing", False))
 
-    def typing(self) -> Any:
-        return self._typing()
-
-    async def send(self, content: str, *, file: discord.File | None = None) -> int:
-        self.events.append(("send", content))
+    async def send_text(self, text: str) -> int:
+        self.events.append(("send", text))
         return len(self.events)
 
-    async def edit(self, sent: Any, content: str) -> None:
-        self.events.append(("edit", (sent, content)))
+    async def edit_text(self, sent: Any, text: str) -> bool:
+        self.events.append(("edit", (sent, text)))
+        return True
 
     async def finish(self, sent_anything: bool) -> None:
         self.events.append(("finish", sent_anything))
 
 
 async def test_render_types_until_the_answer_and_never_sends_partials() -> None:
+    typing_started = asyncio.Event()
+
     async def replies() -> AsyncIterator[Reply]:
         yield Typing()
+        await typing_started.wait()
         yield Text("part", final=False)
         yield Notice("queued", NoticeKind.QUEUED, ref="r")
         yield Notice("running", NoticeKind.PROGRESS, ref="r")
         yield Text("x" * 2500)
 
     target = RecordingTarget()
-    assert await render(replies(), target) == 3
+    original = target.show_typing
+
+    async def show_typing() -> None:
+        await original()
+        typing_started.set()
+
+    target.show_typing = show_typing  # type: ignore[method-assign]
+    assert await Renderer(target).run(replies()) == 3
     assert target.events == [
         ("typing", True),
         ("send", "queued"),
         ("edit", (2, "running")),
-        ("typing", False),
         ("send", "x" * 2000),
         ("send", "x" * 500),
         ("finish", True),

@@ -22,19 +22,21 @@ from typing import Any
 import aiohttp
 import pytest
 from support.engine_doubles import ScriptedEngine
+from support.eventually import eventually
 from support.fakes.telegram_server import FakeBotApi
+from support.services import scripted_services
 
 import adapters.telegram.outbound as outbound
+from adapters.outbound import DeliveryOrder
 from adapters.splitting import split_message
-from adapters.telegram import TEXT_ONLY, TelegramChannel
-from adapters.telegram.outbound import PacedRateLimiter, ReplyOrder
-from bot.app import BotApp, StartupError, serve
-from bot.channels import Services
-from bot.commands import COMMANDS
+from adapters.telegram import TelegramChannel
+from adapters.telegram.outbound import PacedRateLimiter
+from bot.app import BotApp, serve
+from bot.channels import Services, StartupError
 from bot.config import Config
 from bot.logging_setup import REDACTED, RedactingFilter
-from bot.manager import INTERNAL_ERROR
 from bot.messages import Image, Incoming, Notice, NoticeKind, Reply, Text, Typing
+from bot.texts import INTERNAL_ERROR, TEXT_ONLY
 from storage import Store
 
 TOKEN = "123456789:AAFake-token_for-tests-only-0123456789"
@@ -156,7 +158,16 @@ async def test_thirty_private_chats_at_once_each_get_their_own_answer(
             api.private_message(user, f"hello, I am user number {user - 1000}")
         await api.wait_until(lambda: all(api.texts(user) for user in users), within=30)
         await api.settle(0.3)
-    assert [c["command"] for c in api.commands] == [info.name for info in COMMANDS]
+    # The menu is the command registry: everything a member may run.
+    assert [c["command"] for c in api.commands] == [
+        "start",
+        "help",
+        "reset",
+        "forget",
+        "draw",
+        "stats",
+        "cancel",
+    ]
     for user in users:
         sent = api.sent("sendMessage", user)
         assert len(sent) == 1, f"user {user} got {len(sent)} messages"
@@ -275,7 +286,7 @@ def long_reply() -> str:
 async def test_long_reply_arrives_whole_in_parts_with_typing_meanwhile(
     api: FakeBotApi, tg_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(outbound, "TYPING_REFRESH_S", 0.2)
+    monkeypatch.setattr(outbound.TelegramTarget, "typing_every_s", 0.2)
     reply = long_reply()
     assert len(reply) > 2 * 4096
     user = 5001
@@ -316,9 +327,7 @@ async def test_pictures_progress_notices_and_a_failing_update(
         yield Image(png, caption="a red fox", seed=1234, draw_id="d1")
 
     config = make_config(telegram={"enabled": True, "base_url": api.base_url})
-    services = Services(
-        config=config, handle=handle, store=None, metrics=None, engine_ready=lambda: True
-    )  # type: ignore[arg-type]
+    services = scripted_services(config, handle)
     channel = TelegramChannel.create(services)
     assert channel is not None
     await channel.start()
@@ -385,7 +394,7 @@ async def test_per_chat_pace() -> None:
 
 def test_reply_order_is_fifo_per_key() -> None:
     async def scenario() -> tuple[list[str], int]:
-        order = ReplyOrder()
+        order = DeliveryOrder()
         done: list[str] = []
 
         async def answer(name: str, delay: float, turn: Any) -> None:
@@ -449,9 +458,7 @@ def _services(config: Config) -> Services:
     async def handle(incoming: Incoming) -> AsyncIterator[Reply]:
         yield Text("unused")
 
-    return Services(
-        config=config, handle=handle, store=None, metrics=None, engine_ready=lambda: True
-    )  # type: ignore[arg-type]
+    return scripted_services(config, handle)
 
 
 def test_channel_is_off_without_token_or_when_disabled(
@@ -486,21 +493,65 @@ async def test_token_is_redacted_and_httpx_kept_quiet(
     assert record.getMessage() == f"GET {api.base_url}{REDACTED}"
 
 
-async def test_rejected_token_stops_start_with_a_clear_error(
+async def test_a_rejected_token_turns_telegram_off_with_one_loud_line(
     api: FakeBotApi,
     make_config: Callable[..., Config],
     monkeypatch: pytest.MonkeyPatch,
     logs: _Records,
 ) -> None:
+    """The Bot API refuses the token: the channel is off (and says why on
+    /healthz), the web channel keeps serving, and the token is never shown."""
+    import aiohttp
+    from support.net import free_port
+
     wrong = TOKEN.replace("AAFake", "AAWrong")
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", wrong)
+    port = free_port()
     config = make_config(
-        telegram={"enabled": True, "base_url": api.base_url}, web={"enabled": False}
+        telegram={"enabled": True, "base_url": api.base_url}, web={"enabled": True, "port": port}
     )
-    with pytest.raises(StartupError) as error:
-        await serve(config, asyncio.Event())
-    assert "rejected the token in $TELEGRAM_BOT_TOKEN" in str(error.value)
-    assert wrong not in str(error.value) and wrong not in logs.above(logging.INFO)
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop))
+    try:
+        await eventually(lambda: "channel is off" in logs.above(logging.ERROR))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/api/sessions") as response:
+                assert response.status == 201
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    [line] = [text for level, text in logs.lines if level >= logging.ERROR]
+    assert "rejected the token in $TELEGRAM_BOT_TOKEN" in line and "\n" not in line
+    assert wrong not in logs.above(logging.INFO)
+
+
+async def test_an_unreachable_bot_api_is_retried_until_it_answers(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Bot API at start: the channel keeps trying with backoff and serves
+    once the API is there."""
+    from support.net import free_port
+
+    monkeypatch.setattr(TelegramChannel, "first_backoff_s", 0.1)
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", TOKEN)
+    port = free_port()
+    late = FakeBotApi(TOKEN)
+    config = make_config(
+        telegram={"enabled": True, "base_url": f"http://127.0.0.1:{port}/bot"},
+        web={"enabled": False},
+        text={"greedy": True},
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(config, stop))
+    try:
+        await late.start(port=port)
+        late.private_message(3001, "/help")
+        await late.wait_until(lambda: bool(late.texts(3001)), within=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await late.close()
 
 
 async def test_aigc_bot_run_answers_and_logs_no_token(

@@ -13,7 +13,7 @@ from support.engine_doubles import ScriptedEngine
 
 from bot.config import Config
 from bot.manager import ConversationManager
-from bot.messages import Incoming, Text, Typing
+from bot.messages import MODEL, Incoming, Text, Typing
 from storage import Store
 
 
@@ -150,7 +150,7 @@ async def test_a_turn_left_unfinished_by_a_dead_process_is_waited_for_only_so_lo
         replies = [r async for r in manager.handle(Incoming("test", "room", "cy", "Cy", "hello"))]
     finally:
         await store.close()
-    assert replies[-1] == Text("echo: hello", final=True)
+    assert replies[-1] == Text("echo: hello", final=True, source=MODEL)
     assert engine.prompts == [["lost", "hello"]]
     assert f"unfinished earlier message {orphan.id}" in caplog.text
 

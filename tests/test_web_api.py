@@ -138,7 +138,7 @@ async def test_event_stream_sends_partials_then_the_final_text(serve: Any) -> No
         assert status == 200
         assert headers["Content-Type"].startswith("text/event-stream")
         assert headers["Cache-Control"].startswith("no-cache")
-        final = {"type": "text", "text": "Hello there, friend!"}
+        final = {"type": "text", "text": "Hello there, friend!", "source": {"kind": "model"}}
         assert parse_sse(body) == [
             ("typing", {}),
             ("partial", {"text": "Hello"}),
@@ -164,7 +164,8 @@ async def test_event_stream_on_the_tiny_model(serve: Any) -> None:
         assert set(names[1:-2]) <= {"partial"}
         final = events[-2][1]["text"]
         assert final.strip()
-        assert events[-1][1] == {"replies": [{"type": "text", "text": final}]}
+        model = {"kind": "model"}
+        assert events[-1][1] == {"replies": [{"type": "text", "text": final, "source": model}]}
         assert [(m["role"], m["text"]) for m in await server.history(token)] == [
             ("user", "I like pizza"),
             ("bot", final),

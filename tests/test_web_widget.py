@@ -29,8 +29,8 @@ from support.web_support import PictureDrawer
 from adapters.web import WebChannel, token_hash
 from bot.app import BotApp
 from bot.config import Config
-from bot.engines.text import LocalTextEngine
-from bot.messages import Text
+from bot.engine_settings import build_text_engine
+from bot.engines import TextChunk, TextEngine
 
 #: Debian's Chromium (`make browser` installs it); another build can be named here.
 CHROMIUM = os.environ.get("AIGC_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -68,7 +68,7 @@ class PacedEngine:
     milliseconds, so its partials would reach the browser in one network read
     and the page could never be seen streaming."""
 
-    def __init__(self, inner: LocalTextEngine, pause_s: float = 0.05) -> None:
+    def __init__(self, inner: TextEngine, pause_s: float = 0.05) -> None:
         self.inner = inner
         self.pause_s = pause_s
 
@@ -86,14 +86,11 @@ class PacedEngine:
     def queue_depth(self) -> int:
         return self.inner.queue_depth
 
-    async def stream(self, turns: Any, *, conversation: str = "") -> AsyncIterator[Text]:
+    async def stream(self, turns: Any, *, conversation: str = "") -> AsyncIterator[TextChunk]:
         async for part in self.inner.stream(turns, conversation=conversation):
             if not part.final:
                 await asyncio.sleep(self.pause_s)
             yield part
-
-    async def generate(self, turns: Any, *, conversation: str = "") -> str:
-        return await self.inner.generate(turns, conversation=conversation)
 
 
 class ThreadedBot:
@@ -129,7 +126,7 @@ class ThreadedBot:
 
     async def _main(self) -> None:
         try:
-            engine = PacedEngine(LocalTextEngine(self.config.text))
+            engine = PacedEngine(build_text_engine(self.config.text))
             async with BotApp(self.config, engine=engine) as app:
                 assert app.manager is not None
                 app.manager.drawer = PictureDrawer(app.store, self.pictures, size=160)

@@ -3,9 +3,10 @@
 A DM always is. In a guild channel — if `[discord] channels` lists it, or its
 parent channel for a thread, or the list is empty — a message is for the bot
 when it mentions the bot or the bot's role, replies to one of the bot's
-messages, or the channel's `respond_to` (from `channel_respond_to`, else
-`respond_to`) is "all". Bots (this one included) and system messages never
-are; `@everyone` alone does not count as a mention.
+messages, starts with one of `[discord] keywords`, or the channel's
+`respond_to` (from `channel_respond_to`, else `respond_to`) is "all". Bots
+(this one included) and system messages never are; `@everyone` alone does not
+count as a mention.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import discord
 
+from adapters.keywords import strip_keyword
 from bot.config import DiscordSection
 
 ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
@@ -61,7 +63,10 @@ class Addressing:
             if not (
                 mentioned or replies_to(message, my_id) or self.respond_to(message.channel) == "all"
             ):
-                return None
+                after_keyword = strip_keyword(message.content, self.settings.keywords)
+                if after_keyword is None:
+                    return None
+                return clean_text(message, my_id, None, after_keyword)
         return clean_text(message, my_id, self_role.id if self_role else None)
 
 
@@ -73,9 +78,11 @@ def replies_to(message: discord.Message, my_id: int) -> bool:
     return isinstance(replied, discord.Message) and replied.author.id == my_id
 
 
-def clean_text(message: discord.Message, my_id: int, my_role_id: int | None = None) -> str:
-    """The message without the bot's mention; other people's mentions as @names."""
-    text = re.sub(rf"<@!?{my_id}>", "", message.content)
+def clean_text(
+    message: discord.Message, my_id: int, my_role_id: int | None = None, text: str | None = None
+) -> str:
+    """The message (or `text`) without the bot's mention; other people's mentions as @names."""
+    text = re.sub(rf"<@!?{my_id}>", "", message.content if text is None else text)
     if my_role_id is not None:
         text = text.replace(f"<@&{my_role_id}>", "")
     for user in message.mentions:

@@ -1,11 +1,14 @@
 """The Discord channel on discord.py: DMs, mentions, replies and slash commands.
 
-`create` reads `[discord]` and the token env var. `start` builds a `Client`
+`create` reads `[discord]` and the token env var. `start` runs a `Client`
 (an `AutoShardedClient` when `shard_count` is "auto" or above 1) with only the
 intents it needs — guilds, guild and DM messages, message content — routes
 its REST calls and gateway through `api_base_url` / `gateway_url` (see
 adapters.discord.routing), syncs the slash commands in `setup_hook`, and
-returns once the gateway has said READY.
+returns once the gateway has said READY or `connect_timeout_s` has passed.
+A Discord that cannot be reached is retried with backoff in the background
+while the other channels serve; a rejected token or a missing intent turns
+the channel off with one loud line.
 
 Which messages are for the bot (DMs, mentions, replies to it, `respond_to`,
 the `channels` allow-list) is decided in adapters.discord.addressing; slash
@@ -32,12 +35,19 @@ from discord import app_commands
 
 from adapters.discord.addressing import Addressing
 from adapters.discord.commands import build_command_tree
-from adapters.discord.outbound import NO_MENTIONS, InteractionTarget, MessageTarget, render
+from adapters.discord.outbound import (
+    NO_MENTIONS,
+    DiscordOutbound,
+    DiscordTarget,
+    InteractionTarget,
+    MessageTarget,
+)
 from adapters.discord.routing import Endpoints, RebasedWebhookAdapter, route_http
-from bot.app import StartupError
-from bot.channels import Services, platform_token
+from adapters.outbound import Slot
+from bot.channels import ChannelState, Services, platform_token
 from bot.config import DiscordSection
-from bot.messages import Incoming
+from bot.messages import ConversationKey, Incoming
+from bot.texts import INTERNAL_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +94,7 @@ class _Events:
         self.channel._connected.set()
 
     async def on_ready(self) -> None:
-        self.channel._ready.set()
+        self.channel._on_ready()
 
     async def on_message(self, message: discord.Message) -> None:
         self.channel._on_message(message)
@@ -101,7 +111,7 @@ class _ShardedClient(_Events, discord.AutoShardedClient):
 class DiscordChannel:
     name: ClassVar[str] = "discord"
     in_run: ClassVar[bool] = True
-    #: How long to wait for the first READY before giving up at start.
+    #: How long `start` waits for the first READY (the client keeps trying after).
     connect_timeout_s: ClassVar[float] = 60.0
     #: After READY, how long to wait for every guild (and shard) to arrive
     #: before `start` returns anyway (the client keeps connecting).
@@ -110,6 +120,8 @@ class DiscordChannel:
     guild_ready_timeout_s: ClassVar[float] = 2.0
     #: At shutdown, how long replies still being sent get to finish.
     stop_grace_s: ClassVar[float] = 5.0
+    #: The first pause before connecting again after a failure (doubling to a minute).
+    first_backoff_s: ClassVar[float] = 1.0
 
     def __init__(self, services: Services, token: str) -> None:
         self.services = services
@@ -119,13 +131,15 @@ class DiscordChannel:
             api_base=self.settings.api_base_url, gateway_override=self.settings.gateway_url
         )
         self.addressing = Addressing(self.settings)
+        self.outbound = DiscordOutbound()
+        self.health = ChannelState()
         self.client: discord.Client | None = None
         self.tree: app_commands.CommandTree | None = None
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected = asyncio.Event()
         self._ready = asyncio.Event()
-        self._started = False
+        self._stopping = False
 
     @classmethod
     def create(cls, services: Services) -> DiscordChannel | None:
@@ -157,33 +171,21 @@ class DiscordChannel:
         return client
 
     async def start(self) -> None:
-        self._started = False
-        self._connected.clear()
-        self._ready.clear()
-        self.client = self._build_client()
-        self.tree = build_command_tree(self.client, self._run_command)
-        self.tree.error(self._on_command_error)
+        """Connect in the background; wait for READY at most `connect_timeout_s`."""
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="discord-client")
-        try:
-            if not await self._wait_for(self._connected, self.connect_timeout_s):
-                raise StartupError(
-                    f"discord: no READY from the gateway within {self.connect_timeout_s:.0f} s "
-                    "(see the log above)"
+        if not await self._wait_for(self._connected, self.connect_timeout_s):
+            if self.health.state != "off":
+                log.warning(
+                    "discord: not connected after %.0f s; still trying in the background",
+                    self.connect_timeout_s,
                 )
-            if not await self._wait_for(self._ready, self.ready_timeout_s):
-                log.warning("discord: still receiving guilds or shards; going on meanwhile")
-        except BaseException:
-            await self._close_client()
-            raise
-        self._started = True
-        user = self.client.user
-        log.info("discord: connected as %s (id %s)", user, user.id if user else "?")
-        if self.client.application_id is not None:
-            log.info("discord: invite link: %s", invite_url(self.client.application_id))
+            return
+        if not await self._wait_for(self._ready, self.ready_timeout_s):
+            log.warning("discord: still receiving guilds or shards; going on meanwhile")
 
     async def _wait_for(self, event: asyncio.Event, limit_s: float) -> bool:
-        """True once `event` is set, False after `limit_s`; a one-line
-        StartupError if the client stops first."""
+        """True once `event` is set; False after `limit_s` or if the client gave up."""
         assert self._task is not None
         waiter = asyncio.ensure_future(event.wait())
         try:
@@ -192,12 +194,7 @@ class DiscordChannel:
             )
         finally:
             waiter.cancel()
-        if event.is_set():
-            return True
-        if self._task.done():
-            exc = self._task.exception() if not self._task.cancelled() else None
-            raise StartupError(self._explain(exc)) from exc
-        return False
+        return event.is_set()
 
     def _explain(self, exc: BaseException | None) -> str:
         api = self.settings.api_base_url
@@ -221,12 +218,13 @@ class DiscordChannel:
         if isinstance(exc, aiohttp.ClientError | OSError):
             return f"discord: cannot reach Discord at {api} ({type(exc).__name__}: {exc})"
         if exc is None:
-            return "discord: the client stopped while starting"
-        return f"discord: could not start ({type(exc).__name__}: {exc})"
+            return "discord: the client stopped"
+        return f"discord: the client stopped ({type(exc).__name__}: {exc})"
 
     async def _run(self) -> None:
-        """Owns the client: login, connect, reconnect; ends when it closes."""
-        assert self.client is not None
+        """Owns the client: login, connect, reconnect; a client that stops for a
+        reason discord.py does not retry (Discord unreachable at login, say) is
+        built anew after a backoff. Ends when the token or intents are refused."""
         if self.endpoints.rebased:
             # Interaction callbacks and follow-ups use discord.py's webhook
             # adapter; this task's context (inherited by every task the client
@@ -234,15 +232,43 @@ class DiscordChannel:
             from discord.webhook.async_ import async_context
 
             async_context.set(RebasedWebhookAdapter(self.endpoints))
-        try:
-            async with self.client:
-                await self.client.start(self._token, reconnect=True)
-        except Exception:
-            if not self._started:
-                raise  # `start` turns it into a one-line StartupError
-            # discord.py reconnects by itself; this is a failure it cannot get
-            # past (a revoked token, a lost intent). The other channels go on.
-            log.exception("discord: the client stopped; Discord messages are no longer answered")
+        pause = self.first_backoff_s
+        while not self._stopping:
+            self.client = self._build_client()
+            self.outbound.client = self.client
+            self.tree = build_command_tree(self.client, self._run_command, self.services.commands)
+            self.tree.error(self._on_command_error)
+            problem: BaseException | None = None
+            try:
+                async with self.client:
+                    await self.client.start(self._token, reconnect=True)
+            except (discord.LoginFailure, discord.PrivilegedIntentsRequired) as exc:
+                log.error("%s; the Discord channel is off", self._explain(exc))
+                self.health = ChannelState("off", self._explain(exc).removeprefix("discord: "))
+                self.services.delivery.detach(self.outbound)
+                return
+            except Exception as exc:
+                problem = exc
+            if self._stopping:
+                return
+            self.health = ChannelState("down", self._explain(problem).removeprefix("discord: "))
+            self._connected.clear()
+            self.services.delivery.detach(self.outbound)
+            log.warning("%s; connecting again in %.0f s", self._explain(problem), pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 60.0)
+
+    def _on_ready(self) -> None:
+        self.health = ChannelState("up")
+        self.services.delivery.attach(self.outbound)
+        first = not self._ready.is_set()
+        self._ready.set()
+        assert self.client is not None
+        if first:
+            user = self.client.user
+            log.info("discord: connected as %s (id %s)", user, user.id if user else "?")
+            if self.client.application_id is not None:
+                log.info("discord: invite link: %s", invite_url(self.client.application_id))
 
     async def _setup(self) -> None:
         """After login, before the gateway: find the gateway, sync slash commands."""
@@ -279,18 +305,22 @@ class DiscordChannel:
             )
 
     async def stop(self) -> None:
+        self._stopping = True
         pending = {task for task in self._tasks if task is not asyncio.current_task()}
         if pending:
             _, still = await asyncio.wait(pending, timeout=self.stop_grace_s)
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        self.services.delivery.detach(self.outbound)
         await self._close_client()
+        self.health = ChannelState("off", "stopped")
 
     async def _close_client(self) -> None:
         if self.client is not None and not self.client.is_closed():
             await self.client.close()
         if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(self._task, 10)
             self._task = None
@@ -301,6 +331,11 @@ class DiscordChannel:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _slot(self, incoming: Incoming) -> Slot:
+        """The message's place in its conversation's delivery order (taken on arrival)."""
+        scope = self.services.config.bot.scope_for(incoming.platform, incoming.chat_id)
+        return self.outbound.order.take(ConversationKey.for_message(incoming, scope))
 
     def _on_message(self, message: discord.Message) -> None:
         assert self.client is not None
@@ -319,13 +354,15 @@ class DiscordChannel:
             is_private=message.guild is None,
             addressed=True,
         )
+        slot = self._slot(incoming)
         self._spawn(
-            self._answer(incoming, MessageTarget(message)), name=f"discord-message-{message.id}"
+            self._answer(incoming, MessageTarget(message), slot),
+            name=f"discord-message-{message.id}",
         )
 
-    async def _answer(self, incoming: Incoming, target: MessageTarget | InteractionTarget) -> None:
+    async def _answer(self, incoming: Incoming, target: DiscordTarget, slot: Slot) -> None:
         try:
-            await render(self.services.handle(incoming), target)
+            await self.outbound.deliver(self.services.handle(incoming), target, slot)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -347,7 +384,6 @@ class DiscordChannel:
                 "I don't answer in this channel.", ephemeral=True
             )
             return
-        await interaction.response.defer(thinking=True, ephemeral=ephemeral)
         incoming = Incoming(
             platform=PLATFORM,
             chat_id=str(interaction.channel_id),
@@ -358,7 +394,9 @@ class DiscordChannel:
             is_private=interaction.guild_id is None,
             addressed=True,
         )
-        await self._answer(incoming, InteractionTarget(interaction, ephemeral=ephemeral))
+        slot = self._slot(incoming)
+        await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        await self._answer(incoming, InteractionTarget(interaction, ephemeral=ephemeral), slot)
 
     async def _on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
@@ -370,10 +408,6 @@ class DiscordChannel:
         )
         with contextlib.suppress(discord.HTTPException):
             if interaction.response.is_done():
-                await interaction.followup.send(
-                    "Something went wrong on my side. Please try again.", ephemeral=True
-                )
+                await interaction.followup.send(INTERNAL_ERROR, ephemeral=True)
             else:
-                await interaction.response.send_message(
-                    "Something went wrong on my side. Please try again.", ephemeral=True
-                )
+                await interaction.response.send_message(INTERNAL_ERROR, ephemeral=True)

@@ -1,20 +1,24 @@
-"""Slash commands: /chat, /draw, /reset, /forget, /stats, /cancel and /help.
+"""Slash commands: /chat, /draw with its options, and one per entry of the
+command registry (/reset, /forget, /stats, /cancel, /help, /human, ...).
 
 Each one is turned into the text the manager already understands (`/draw
-"a red fox" --seed 7`, `/reset`, or the plain message for /chat), so a slash
-command and a typed command behave the same everywhere. `run` defers the
-interaction at once and follows up when the answer is ready (see
-`DiscordChannel._run_command`). Personal commands answer ephemerally.
+"a red fox" --seed 7`, `/reset`, `/ban telegram:123`, or the plain message
+for /chat), so a slash command and a typed command behave the same
+everywhere. `run` defers the interaction at once and follows up when the
+answer is ready (see `DiscordChannel._run_command`). Personal commands answer
+ephemerally; admin commands are hidden from members without Manage Server
+(the bot still checks `[bot] admins`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import discord
 from discord import app_commands
 
-from bot.commands import COMMANDS
+from bot.commands import CommandRegistry, CommandSpec
 
 #: (interaction, text for the manager, ephemeral)
 CommandRunner = Callable[[discord.Interaction, str, bool], Awaitable[None]]
@@ -53,19 +57,34 @@ def draw_text(
     return " ".join(words)
 
 
-PERSONAL = ("reset", "forget", "stats", "cancel", "help")
+def _registry_command(
+    spec: CommandSpec, run: CommandRunner
+) -> app_commands.Command[Any, Any, None]:
+    """A slash command for one registry entry; free text after the name
+    becomes one optional `text` option."""
+    description = (spec.summary[:1].upper() + spec.summary[1:])[:100]
+    if spec.takes_args:
+
+        async def with_text(interaction: discord.Interaction, text: str | None = None) -> None:
+            words = f" {text.strip()}" if text and text.strip() else ""
+            await run(interaction, f"/{spec.name}{words}", spec.personal)
+
+        described = app_commands.describe(text=spec.usage[:100])(with_text)
+        command = app_commands.Command(name=spec.name, description=description, callback=described)
+    else:
+
+        async def plain(interaction: discord.Interaction) -> None:
+            await run(interaction, f"/{spec.name}", spec.personal)
+
+        command = app_commands.Command(name=spec.name, description=description, callback=plain)
+    if spec.admin:
+        command.default_permissions = discord.Permissions(manage_guild=True)
+    return command
 
 
-def _personal_command(name: str, summary: str, run: CommandRunner) -> app_commands.Command:
-    async def callback(interaction: discord.Interaction) -> None:
-        await run(interaction, f"/{name}", True)
-
-    return app_commands.Command(
-        name=name, description=summary[:1].upper() + summary[1:], callback=callback
-    )
-
-
-def build_command_tree(client: discord.Client, run: CommandRunner) -> app_commands.CommandTree:
+def build_command_tree(
+    client: discord.Client, run: CommandRunner, commands: CommandRegistry
+) -> app_commands.CommandTree:
     tree = app_commands.CommandTree(client)
 
     @tree.command(name="chat", description="Talk to me")
@@ -96,10 +115,10 @@ def build_command_tree(client: discord.Client, run: CommandRunner) -> app_comman
         )
         await run(interaction, text, False)
 
-    # The personal commands take no arguments; their descriptions are the
-    # same table that /help and Telegram's command menu use.
-    for info in COMMANDS:
-        if info.name in PERSONAL:
-            tree.add_command(_personal_command(info.name, info.summary, run))
+    # Every other command comes from the registry that /help and Telegram's
+    # command menu use too.
+    for spec in commands:
+        if spec.name not in ("chat", "draw"):
+            tree.add_command(_registry_command(spec, run))
 
     return tree

@@ -1,6 +1,7 @@
-"""The Telegram channel (python-telegram-bot): inbound updates in `channel`,
-rendering, pacing and delivery order in `outbound`."""
+"""The Telegram channel (python-telegram-bot): lifetime and updates in
+`channel`, which messages are for the bot in `inbound`, pacing and rendering
+in `outbound`."""
 
-from adapters.telegram.channel import TEXT_ONLY, TelegramChannel
+from adapters.telegram.channel import TelegramChannel
 
-__all__ = ["TEXT_ONLY", "TelegramChannel"]
+__all__ = ["TelegramChannel"]

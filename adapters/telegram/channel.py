@@ -1,81 +1,52 @@
-"""The Telegram channel, on python-telegram-bot's `Application`.
+"""The Telegram channel on python-telegram-bot's `ExtBot`.
 
-Flow: PTB fetches updates (long polling, or its webhook server) and calls
-`_on_update` for each, one after another. That handler only reads the message
-into an `Incoming`, takes the message's turn in its conversation and starts a
-task; the task feeds the manager and renders the replies: a typing indicator
-while it works, texts split at 4,096 characters, pictures with their seed,
-notices. Conversations run concurrently; within one, replies leave in the
-order the messages came (`ReplyOrder`). Every Bot API call but `getUpdates`
-goes through `PacedRateLimiter` (per-chat pace, group and global limits,
-`RetryAfter` and network errors retried).
-
-In groups the bot answers a mention, a reply to one of its messages or a
-command (`/cmd` or `/cmd@thisbot`), threading its answer to that message;
-with `[bot] group_messages = "all"` it answers every text it is shown.
-Stickers, photos, voice and other non-text messages addressed to it get a
-short "text only" answer. Edited messages are ignored, or with
-`edited_messages = "answer"` answered like new ones. Partial (streaming)
-texts are not shown: the typing indicator runs until the whole answer is sent.
+Flow: the channel connects (`getMe`, retried with backoff while the Bot API
+cannot be reached; a rejected token turns the channel off with one loud line,
+the other channels go on), registers the command menu, attaches its outbound
+half to the bot's delivery, then fetches updates — long polling, or a webhook
+server of its own. Each update is read into an `Incoming` (adapters.telegram
+.inbound) and handed to the manager in a task of its own; the update is
+confirmed to the Bot API (the next `getUpdates` offset, or the webhook's 200)
+only once the manager has committed the message, so a crash never loses one.
+Replies are rendered by adapters.telegram.outbound in the conversation's
+delivery order; every Bot API call but `getUpdates` is paced by
+`PacedRateLimiter`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import re
 import secrets
-import time
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import ClassVar
 from urllib.parse import urlsplit
 
-from telegram import BotCommand, Message, Update
-from telegram.constants import ChatType, MessageEntityType
+from aiohttp import web
+from telegram import BotCommand, Update
 from telegram.error import Forbidden, InvalidToken, TelegramError
-from telegram.ext import Application, ContextTypes, TypeHandler
+from telegram.ext import ExtBot
 
-from adapters.telegram.outbound import Destination, PacedRateLimiter, ReplyOrder, ReplyWriter, Turn
-from bot.app import StartupError
-from bot.channels import Handler, Services, platform_token
-from bot.commands import COMMANDS, parse_command
+from adapters.outbound import Slot
+from adapters.telegram.inbound import Reader
+from adapters.telegram.outbound import (
+    Destination,
+    PacedRateLimiter,
+    TelegramOutbound,
+    TelegramTarget,
+)
+from bot.channels import ChannelState, Handler, Services, StartupError, platform_token
 from bot.config import Config, read_secret
 from bot.logging_setup import register_secret
-from bot.manager import INTERNAL_ERROR
-from bot.messages import ConversationKey, Incoming, Notice, NoticeKind, Reply, Typing
+from bot.messages import ConversationKey, Notice, NoticeKind, Reply
+from bot.texts import INTERNAL_ERROR, TEXT_ONLY
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "telegram"
-TEXT_ONLY = "I can only read text messages. Please type what you'd like to say."
 POLL_TIMEOUT_S = 30  # long-poll wait of one getUpdates call
-
-
-def mentions(message: Message, username: str) -> bool:
-    """Whether the text or caption has an @mention of `username`."""
-    wanted = "@" + username.lower()
-    found = {
-        **message.parse_entities([MessageEntityType.MENTION]),
-        **message.parse_caption_entities([MessageEntityType.MENTION]),
-    }
-    return any(text.lower() == wanted for text in found.values())
-
-
-def replies_to(message: Message, bot_id: int) -> bool:
-    """Whether the message answers one of the bot's own messages."""
-    original = message.reply_to_message
-    if original is None or original.from_user is None:
-        return False
-    if message.is_topic_message and original.message_id == message.message_thread_id:
-        return False  # every message in a forum topic "replies" to the topic's first message
-    return original.from_user.id == bot_id
-
-
-def strip_mention(text: str, username: str) -> str:
-    """The text without `@username` (and a comma or colon right after it)."""
-    pattern = re.compile(rf"[ \t]*(?<![\w@])@{re.escape(username)}\b[,:;]?[ \t]*", re.IGNORECASE)
-    return pattern.sub(" ", text).strip()
+MAX_BACKOFF_S = 60.0
 
 
 async def _one(reply: Reply) -> AsyncIterator[Reply]:
@@ -85,23 +56,26 @@ async def _one(reply: Reply) -> AsyncIterator[Reply]:
 class TelegramChannel:
     name: ClassVar[str] = "telegram"
     in_run: ClassVar[bool] = True
+    first_backoff_s: ClassVar[float] = 1.0
 
     def __init__(self, services: Services, token: str) -> None:
+        self.services = services
         self.config: Config = services.config
         self.section = services.config.telegram
         self.handle: Handler = services.handle
-        self.application: Application[Any, Any, Any, Any, Any, Any] = (
-            Application.builder()
-            .token(token)
-            .base_url(self.section.base_url)
-            .base_file_url(self.section.base_file_url)
-            .rate_limiter(PacedRateLimiter())
-            .build()
+        self.bot = ExtBot(
+            token,
+            base_url=self.section.base_url,
+            base_file_url=self.section.base_file_url,
+            rate_limiter=PacedRateLimiter(),
         )
-        self.application.add_handler(TypeHandler(Update, self._on_update))
-        self.application.add_error_handler(self._on_error)
-        self._order = ReplyOrder()
+        self.outbound = TelegramOutbound(self.bot)
+        self.health = ChannelState()
+        self.reader: Reader | None = None
+        self._main: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._webhook: web.AppRunner | None = None
+        self._secret = ""
 
     @classmethod
     def create(cls, services: Services) -> TelegramChannel | None:
@@ -126,55 +100,148 @@ class TelegramChannel:
     # -- lifetime -------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
+        """Connect and fetch updates in the background: a Bot API that cannot
+        be reached yet is retried while the other channels serve."""
+        self._main = asyncio.create_task(self._run(), name="telegram")
 
-    async def _start(self) -> None:
-        app = self.application
+    async def stop(self) -> None:
+        """Stop fetching, let the answers in flight finish (within the
+        shutdown grace), then close the Bot API connections."""
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        if self._webhook is not None:
+            await self._webhook.cleanup()
+            self._webhook = None
+        await self._drain(self.config.bot.shutdown_grace_s)
+        self.services.delivery.detach(self.outbound)
+        with contextlib.suppress(Exception):
+            await self.bot.shutdown()
+        self.health = ChannelState("off", "stopped")
+
+    async def _drain(self, grace: float) -> None:
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _run(self) -> None:
+        if not await self._connect():
+            return
         try:
-            await app.initialize()
-        except BaseException as exc:
-            # Application.shutdown() skips a half-initialized bot: close its connections here.
-            await app.bot.shutdown()
-            if isinstance(exc, InvalidToken):
-                raise StartupError(
-                    f"telegram: the Bot API at {self.section.base_url} rejected the token "
-                    f"in ${self.section.token_env}"
-                ) from None
-            raise
-        try:
-            await app.bot.set_my_commands(
-                [BotCommand(info.name, info.summary) for info in COMMANDS]
+            await self.bot.set_my_commands(
+                [BotCommand(spec.name, spec.summary) for spec in self.services.commands.public()]
             )
         except TelegramError as exc:
             log.warning("telegram: could not register the command list: %s", exc)
-        await app.start()
-        assert app.updater is not None
-        if self.section.mode == "webhook":
-            await app.updater.start_webhook(
-                listen=self.section.webhook_listen,
-                port=self.section.webhook_port,
-                url_path=urlsplit(self.section.webhook_url).path.strip("/"),
-                webhook_url=self.section.webhook_url,
-                secret_token=self._webhook_secret(),
-                allowed_updates=self.allowed_updates,
-            )
-        else:
-            await app.updater.start_polling(
-                poll_interval=self.section.poll_interval_s,
-                timeout=POLL_TIMEOUT_S,
-                allowed_updates=self.allowed_updates,
-                error_callback=self._on_polling_error,
-            )
+        self.services.delivery.attach(self.outbound)
         log.info(
             "telegram channel: @%s via %s (%s)",
-            app.bot.username,
+            self.bot.username,
             self.section.mode,
             urlsplit(self.section.base_url).netloc,
         )
+        if self.section.mode == "webhook":
+            await self._serve_webhook()
+            self.health = ChannelState("up")
+            await asyncio.Event().wait()  # until stop() cancels us
+        else:
+            await self._poll()
+
+    async def _connect(self) -> bool:
+        """`getMe` until it works; False when the token is rejected."""
+        pause = self.first_backoff_s
+        while True:
+            try:
+                await self.bot.initialize()
+            except InvalidToken:
+                self._token_rejected()
+                return False
+            except TelegramError as exc:
+                self.health = ChannelState("down", f"cannot reach the Bot API ({exc})")
+                log.warning(
+                    "telegram: cannot reach the Bot API at %s (%s); retrying in %.0f s",
+                    urlsplit(self.section.base_url).netloc,
+                    exc,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_BACKOFF_S)
+                continue
+            self.reader = Reader(self.config, self.bot.username, self.bot.id)
+            return True
+
+    def _token_rejected(self) -> None:
+        message = (
+            f"telegram: the Bot API at {self.section.base_url} rejected the token in "
+            f"${self.section.token_env}; the Telegram channel is off "
+            "(get a new token from @BotFather; `aigc-bot doctor` checks it)"
+        )
+        log.error(message)
+        self.health = ChannelState("off", "the Bot API rejected the token")
+
+    # -- inbound: polling and the webhook --------------------------------------------
+
+    async def _poll(self) -> None:
+        """Long polling. An update is confirmed (by the next call's offset) only
+        after `_take` has seen its message committed."""
+        offset: int | None = None
+        pause = self.first_backoff_s
+        with contextlib.suppress(TelegramError):
+            await self.bot.delete_webhook()
+        while True:
+            try:
+                updates = await self.bot.get_updates(
+                    offset=offset,
+                    timeout=POLL_TIMEOUT_S,
+                    allowed_updates=self.allowed_updates,
+                    read_timeout=POLL_TIMEOUT_S + 10,
+                )
+            except InvalidToken:
+                self._token_rejected()
+                return
+            except TelegramError as exc:
+                self.health = ChannelState("down", f"getUpdates failed ({exc})")
+                log.warning("telegram: getUpdates failed (%s); retrying in %.0f s", exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_BACKOFF_S)
+                continue
+            self.health = ChannelState("up")
+            pause = self.first_backoff_s
+            for update in updates:
+                await self._take(update)
+                offset = update.update_id + 1
+            if self.section.poll_interval_s:
+                await asyncio.sleep(self.section.poll_interval_s)
+
+    async def _serve_webhook(self) -> None:
+        self._secret = self._webhook_secret()
+        app = web.Application()
+        app.router.add_post("/" + urlsplit(self.section.webhook_url).path.strip("/"), self._hook)
+        self._webhook = web.AppRunner(app, access_log=None)
+        await self._webhook.setup()
+        site = web.TCPSite(self._webhook, self.section.webhook_listen, self.section.webhook_port)
+        await site.start()
+        await self.bot.set_webhook(
+            url=self.section.webhook_url,
+            secret_token=self._secret,
+            allowed_updates=self.allowed_updates,
+        )
+
+    async def _hook(self, request: web.Request) -> web.Response:
+        """One update from Telegram; answered 200 once its message is committed
+        (Telegram sends it again otherwise)."""
+        given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+        if not hmac.compare_digest(given.encode(), self._secret.encode()):
+            return web.Response(status=403)
+        try:
+            update = Update.de_json(await request.json(), self.bot)
+        except (ValueError, TypeError, KeyError):
+            return web.Response(status=400)
+        await self._take(update)
+        return web.Response(status=200)
 
     def _webhook_secret(self) -> str:
         secret = read_secret(self.section.webhook_secret_env)
@@ -189,35 +256,16 @@ class TelegramChannel:
         register_secret(value)
         return value
 
-    async def stop(self) -> None:
-        """Stop fetching, let the answers in flight finish (within the
-        shutdown grace), then close the Bot API connections."""
-        app = self.application
-        if app.updater is not None and app.updater.running:
-            await app.updater.stop()
-        await self._drain(self.config.bot.shutdown_grace_s)
-        if app.running:
-            await app.stop()
-        await app.shutdown()
-
-    async def _drain(self, grace: float) -> None:
-        deadline = time.monotonic() + grace
-        while self._tasks and (left := deadline - time.monotonic()) > 0:
-            await asyncio.wait(set(self._tasks), timeout=left)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # -- inbound --------------------------------------------------------------------
-
-    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Runs for every update in arrival order; must not wait on anything."""
+    async def _take(self, update: Update) -> None:
+        """Start answering one update; returns once the manager has committed
+        its message (or found it needs no storing)."""
         message = update.message
+        edited = False
         if update.edited_message is not None and self.section.edited_messages == "answer":
-            message = update.edited_message
-        if message is None:
+            message, edited = update.edited_message, True
+        if message is None or self.reader is None:
             return
-        incoming = self.read(message)
+        incoming = self.reader.read(message, edited=edited)
         if incoming is None:
             return
         if message.text is not None:
@@ -226,100 +274,51 @@ class TelegramChannel:
             replies = _one(Notice(TEXT_ONLY, NoticeKind.EMPTY))
         else:
             return  # group_messages = "all" answers text, not every sticker in the group
-        key = ConversationKey.for_message(incoming, self.config.bot.history_scope)
-        turn = self._order.take(key)
-        task = self.application.create_task(
-            self._answer(ReplyWriter(self.application.bot, Destination.of(message)), replies, turn),
-            update=update,
+        scope = self.config.bot.scope_for(incoming.platform, incoming.chat_id)
+        slot = self.outbound.order.take(ConversationKey.for_message(incoming, scope))
+        accepted = asyncio.Event()
+        target = TelegramTarget(self.bot, Destination.of(message))
+        task = asyncio.create_task(
+            self._answer(replies, target, slot, accepted),
             name=f"telegram:{message.chat_id}:{message.message_id}",
         )
-        # Released when the task is over, error handler included, so that an
-        # apology for a failed message still comes before the next answer.
-        task.add_done_callback(lambda _: turn.done())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def read(self, message: Message) -> Incoming | None:
-        """The message as the bot sees it, or None when it is not for the bot."""
-        user = message.from_user
-        if user is None or user.is_bot:
-            return None
-        if message.text is None and message.effective_attachment is None:
-            return None  # a service message: someone joined, a pin, a new title...
-        bot = self.application.bot
-        private = message.chat.type == ChatType.PRIVATE
-        body = message.text or message.caption or ""
-        command = parse_command(body)
-        if (
-            command is not None
-            and command.addressed_to is not None
-            and command.addressed_to.lower() != bot.username.lower()
-            and not private
-        ):
-            return None  # /cmd@another_bot
-        addressed = (
-            private
-            or command is not None
-            or mentions(message, bot.username)
-            or replies_to(message, bot.id)
-        )
-        if not addressed and self.config.bot.group_messages == "addressed":
-            return None
-        return Incoming(
-            platform=PLATFORM,
-            chat_id=str(message.chat_id),
-            user_id=str(user.id),
-            user_name=user.full_name,
-            text=strip_mention(message.text, bot.username) if message.text else "",
-            message_id=str(message.message_id),
-            is_private=private,
-            addressed=addressed,
-        )
+        waiter = asyncio.ensure_future(accepted.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
 
     # -- outbound -------------------------------------------------------------------
 
-    async def _answer(self, writer: ReplyWriter, replies: AsyncIterator[Reply], turn: Turn) -> None:
-        typing: asyncio.Task[None] | None = None
-        try:
-            async with contextlib.aclosing(replies):
+    async def _answer(
+        self,
+        replies: AsyncIterator[Reply],
+        target: TelegramTarget,
+        slot: Slot,
+        accepted: asyncio.Event,
+    ) -> None:
+        async def signalling() -> AsyncIterator[Reply]:
+            try:
                 async for reply in replies:
-                    if isinstance(reply, Typing):
-                        typing = typing or asyncio.create_task(writer.keep_typing())
-                        continue
-                    if not writer.shows(reply):
-                        continue
-                    await turn.wait()
-                    if typing is not None:
-                        typing.cancel()
-                        typing = None
-                    await writer.write(reply)
-        finally:
-            if typing is not None:
-                typing.cancel()
+                    accepted.set()  # the manager has committed the message by now
+                    yield reply
+            except Exception:
+                log.exception(
+                    "telegram: handling a message in chat %s failed", target.where.chat_id
+                )
+                accepted.set()
+                yield Notice(INTERNAL_ERROR, NoticeKind.ERROR)
+            finally:
+                accepted.set()
+                aclose = getattr(replies, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
-    # -- errors ---------------------------------------------------------------------
-
-    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """PTB's central error handler: one failing update never stops the bot."""
-        error = context.error
-        if isinstance(error, Forbidden):
-            log.info("telegram: cannot write to the chat any more: %s", error)
-            return
-        update_id = update.update_id if isinstance(update, Update) else None
-        log.error("telegram: handling update %s failed", update_id, exc_info=error)
-        if isinstance(error, TelegramError) or not isinstance(update, Update):
-            return  # the Bot API is what failed: an apology would fail the same way
-        message = update.effective_message
-        if message is None:
-            return
         try:
-            await ReplyWriter(self.application.bot, Destination.of(message)).send_text(
-                INTERNAL_ERROR
-            )
+            await self.outbound.deliver(signalling(), target, slot)
+        except Forbidden as exc:
+            log.info("telegram: cannot write to chat %s any more: %s", target.where.chat_id, exc)
         except TelegramError as exc:
-            log.warning(
-                "telegram: could not tell chat %s about the error: %s", message.chat_id, exc
-            )
-
-    def _on_polling_error(self, error: TelegramError) -> None:
-        log.warning("telegram: getUpdates failed (%s); retrying", error)
+            log.error("telegram: answering in chat %s failed: %s", target.where.chat_id, exc)

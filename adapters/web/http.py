@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from bot.errors import Unavailable
 from bot.messages import Image, NoticeKind, Reply, Text, Typing
-from storage import StorageUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ STATUS_FOR_NOTICE = {
     NoticeKind.EMPTY: 400,
     NoticeKind.TOO_LONG: 413,
     NoticeKind.RATE_LIMITED: 429,
+    NoticeKind.FORBIDDEN: 403,
     NoticeKind.BUSY: 429,
     NoticeKind.UNAVAILABLE: 503,
     NoticeKind.ERROR: 500,
@@ -60,7 +61,12 @@ def reply_event(reply: Reply, media_base: str = "") -> tuple[str, dict[str, Any]
     if isinstance(reply, Text):
         if not reply.final:
             return "partial", {"text": reply.text}
-        return "text", {"type": "text", "text": reply.text}
+        text: dict[str, Any] = {"type": "text", "text": reply.text}
+        if reply.source is not None:
+            text["source"] = reply.source.as_dict()
+        if reply.role != "bot":
+            text["role"] = reply.role
+        return "text", text
     if isinstance(reply, Image):
         url = f"{media_base}/media/{reply.draw_id}.png"
         return "image", {"type": "image", "url": url, "seed": reply.seed, "caption": reply.caption}
@@ -99,8 +105,8 @@ def json_errors(max_body_bytes: int) -> Any:
             if exc.status == 413:
                 message = f"the request body is too large (the limit is {max_body_bytes} bytes)"
             return json_error(exc.status, message)
-        except StorageUnavailable:
-            return json_error(503, "storage unavailable, try again shortly", retry_after=10)
+        except Unavailable as exc:
+            return json_error(503, "storage unavailable, try again shortly", exc.retry_after)
 
     return middleware
 

@@ -19,10 +19,23 @@ class BotSection(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
     welcome: str = "Hi! I'm a chat bot. Talk to me, or type /help to see what I can do."
+    #: Per chat, another history_scope: {"telegram:-1001234" = "chat"}.
+    chat_history_scope: dict[str, Literal["user", "chat"]] = Field(default_factory=dict)
     #: People who may use the admin commands, as "<platform>:<user id>".
     admins: list[str] = Field(default_factory=list)
 
     _admins = field_validator("admins", mode="before")(platform_ids)
+
+    @field_validator("chat_history_scope", mode="before")
+    @classmethod
+    def _chat_keys(cls, value: object) -> object:
+        if isinstance(value, dict):
+            platform_ids(list(value))
+        return value
+
+    def scope_for(self, platform: str, chat_id: str) -> Literal["user", "chat"]:
+        """The history scope of one chat: its override, else `history_scope`."""
+        return self.chat_history_scope.get(f"{platform}:{chat_id}", self.history_scope)
 
 
 class StorageSection(Section):

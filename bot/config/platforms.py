@@ -46,6 +46,8 @@ class TelegramSection(Section):
     webhook_secret_env: str = "TELEGRAM_WEBHOOK_SECRET"
     poll_interval_s: Annotated[float, Field(ge=0)] = 0.0
     edited_messages: Literal["ignore", "answer"] = "ignore"
+    #: In groups, a message starting with one of these is for the bot too, e.g. ["bot,"].
+    keywords: list[str] = Field(default_factory=list)
 
 
 class DiscordSection(Section):
@@ -58,6 +60,8 @@ class DiscordSection(Section):
     channels: list[str] = Field(default_factory=list)
     channel_respond_to: dict[str, Literal["mention", "all"]] = Field(default_factory=dict)
     command_guild_id: str = ""
+    #: In guild channels, a message starting with one of these is for the bot too.
+    keywords: list[str] = Field(default_factory=list)
 
     @field_validator("channels", mode="before")
     @classmethod

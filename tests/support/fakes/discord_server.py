@@ -53,6 +53,14 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
     )
 
 
+_BUCKET_HEADERS = {
+    "X-RateLimit-Limit": "5",
+    "X-RateLimit-Remaining": "4",
+    "X-RateLimit-Reset-After": "1.000",
+    "X-RateLimit-Bucket": "fake-message-bucket",
+}
+
+
 @dataclass
 class Recorded:
     """One REST request the bot made."""
@@ -63,6 +71,8 @@ class Recorded:
     json: Any = None
     files: list[tuple[str, bytes]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
+    #: When it reached the server, counted from 0 (requests are listed when answered).
+    arrival: int = 0
 
 
 class FakeDiscord:
@@ -84,7 +94,12 @@ class FakeDiscord:
         self.announce_gateway = announce_gateway
         #: Channels where posting answers 403 Missing Permissions.
         self.forbidden_channels: set[int] = set()
+        #: Message posts (counted from 1) that are answered 429 once.
+        self.rate_limit_post_numbers: set[int] = set()
+
+        self._posts = 0
         self._ids = itertools.count(1)
+        self._arrivals = itertools.count()
         self.bot = _user(self.snowflake(), "aigc", bot=True)
         self.human = _user(self.snowflake(), "alice")
         self.other_bot = _user(self.snowflake(), "otherbot", bot=True)
@@ -107,13 +122,14 @@ class FakeDiscord:
 
     # -- lifetime ------------------------------------------------------------------
 
-    async def start(self) -> FakeDiscord:
+    async def start(self, port: int = 0) -> FakeDiscord:
+        """Listen on `port` (0: any free one)."""
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
@@ -148,7 +164,7 @@ class FakeDiscord:
         return 0 if guild_id is None else (guild_id >> 22) % self.shards
 
     def posts(self, channel_id: int | None = None) -> list[Recorded]:
-        """Messages the bot posted, to one channel or anywhere."""
+        """Messages the bot posted, to one channel or anywhere, in the order they arrived."""
         pattern = re.compile(r"/channels/(\d+)/messages$")
         found = []
         for request in self.requests:
@@ -156,7 +172,7 @@ class FakeDiscord:
             if request.method == "POST" and match and request.json is not None:
                 if channel_id is None or int(match[1]) == channel_id:
                     found.append(request)
-        return found
+        return sorted(found, key=lambda request: request.arrival)
 
     def calls(self, method: str, pattern: str) -> list[Recorded]:
         regex = re.compile(pattern)
@@ -475,7 +491,13 @@ class FakeDiscord:
         path = "/" + request.match_info["tail"]
         body, files = await self._read_body(request)
         recorded = Recorded(
-            request.method, path, dict(request.query), body, files, dict(request.headers)
+            request.method,
+            path,
+            dict(request.query),
+            body,
+            files,
+            dict(request.headers),
+            next(self._arrivals),
         )
         authorized = request.headers.get("Authorization") == f"Bot {self.token}"
         webhook_call = path.startswith(("/interactions/", "/webhooks/"))
@@ -486,8 +508,11 @@ class FakeDiscord:
             if int(post[1]) in self.forbidden_channels:
                 self.requests.append(recorded)
                 return _json({"message": "Missing Permissions", "code": 50013}, status=403)
-            if self.rate_limit_posts > 0:
-                self.rate_limit_posts -= 1
+            self._posts += 1
+            limited = self._posts in self.rate_limit_post_numbers
+            self.rate_limit_post_numbers.discard(self._posts)
+            if self.rate_limit_posts > 0 or limited:
+                self.rate_limit_posts = max(0, self.rate_limit_posts - 1)
                 recorded.path += " (429)"
                 self.requests.append(recorded)
                 return _json(
@@ -508,7 +533,10 @@ class FakeDiscord:
             asyncio.get_running_loop().create_task(
                 self.dispatch("MESSAGE_CREATE", message, self.shard_of(guild))
             )
-        return _json(response)
+        # Like Discord: message posts name their bucket and what is left of it,
+        # so discord.py sends several at once while the bucket allows.
+        limits = _BUCKET_HEADERS if request.method == "POST" and "/messages" in path else None
+        return _json(response, headers=limits)
 
     def _route(self, method: str, path: str, body: Any, query: dict[str, str]) -> Any:
         if method == "GET" and path == "/users/@me":
