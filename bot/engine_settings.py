@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 def sampling_settings(section: TextSection) -> SamplingSettings:
     return SamplingSettings(
         max_new_tokens=section.max_new_tokens,
+        min_new_tokens=min(section.min_new_tokens, section.max_new_tokens),
         temperature=section.temperature,
         top_k=section.top_k,
         top_p=section.top_p,

@@ -103,24 +103,22 @@ async def test_concurrent_users_get_their_own_replies(make_config: Callable[...,
 
 
 async def test_int8_quantization_leaves_a_working_model(make_config: Callable[..., Config]) -> None:
-    import torch
-
+    from bot.engine_settings import local_engine_settings
+    from bot.engines.gpt2 import Int8Conv1D
     from bot.engines.text import LocalTextEngine
 
     config = make_config(
         text={"greedy": True, "quantize": "int8", "device": "cpu", "max_new_tokens": 12}
     )
-    engine = LocalTextEngine(config.text)
+    engine = LocalTextEngine(local_engine_settings(config.text))
     await engine.start()
     try:
-        quantized = [
-            m for m in engine.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
-        ]
-        assert quantized, "no linear layer was quantized"
+        quantized = [m for m in engine.model.modules() if isinstance(m, Int8Conv1D)]
+        assert len(quantized) == 4 * engine.model.config.n_layer
         reply = await engine.generate(
             ["I like pizza today.", "you love music every day!", "we watch cats a lot."]
         )
-        assert reply != config.text.fallback_reply  # the model said something
+        assert reply  # the model said something
         assert reply.isprintable() and reply.strip() == reply and "\ufffd" not in reply
     finally:
         await engine.close()
@@ -129,13 +127,16 @@ async def test_int8_quantization_leaves_a_working_model(make_config: Callable[..
 def test_int8_keeps_held_out_perplexity_close(tiny_model_dir: Path) -> None:
     pytest.importorskip("bot.training.evaluate")
     from bot.bench.workloads import perplexity_of
-    from bot.config import TextSection
+    from bot.engines.gpt2 import quantize_int8
     from bot.engines.loading import load_causal_lm
+    from bot.engines.settings import ModelSource
 
     lines = sample_lines()
     dialogues = [lines[start : start + 6] for start in range(3, 300, 37)]
-    fp32 = load_causal_lm(TextSection(model=str(tiny_model_dir), device="cpu"))
-    int8 = load_causal_lm(TextSection(model=str(tiny_model_dir), device="cpu", quantize="int8"))
+    source = ModelSource(str(tiny_model_dir), "cpu")
+    fp32 = load_causal_lm(source)
+    int8 = load_causal_lm(source)
+    assert quantize_int8(int8[0]) > 0
     before, count = perplexity_of(*fp32, dialogues)
     after, count_after = perplexity_of(*int8, dialogues)
     assert count == count_after > 0

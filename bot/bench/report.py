@@ -10,7 +10,7 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
 
 
-def _model_line(result: dict[str, Any]) -> str:
+def model_line(result: dict[str, Any]) -> str:
     model, device = result["model"], result["device"]
     millions = model["parameters"] / 1e6
     size = f"{model['layers']} layers, {model['embedding']} wide, {millions:.1f}M parameters"
@@ -100,7 +100,7 @@ def _int8_line(int8: dict[str, Any]) -> str:
 def format_report(result: dict[str, Any]) -> str:
     turn = result["turn_latency"]
     who = f"1 user alone, median of {_count(turn['repeats'], 'conversation')}"
-    lines = [_model_line(result), _settings_line(result), "", *_users_table(result["users"]), ""]
+    lines = [model_line(result), _settings_line(result), "", *_users_table(result["users"]), ""]
     lines.append(
         f"turn {turn['turns']} / turn 1 latency ({who}): "
         f"ours {turn['ours']:.2f}, baseline {turn['baseline']:.2f}"

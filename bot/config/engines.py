@@ -15,6 +15,8 @@ class TextSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     quantize: Literal["none", "int8"] = "none"
     max_new_tokens: Annotated[int, Field(gt=0, le=1024)] = 48
+    #: shortest reply in tokens: EOS is impossible before (the bench sets it to max_new_tokens)
+    min_new_tokens: Annotated[int, Field(ge=0, le=1024)] = 0
     max_history_tokens: Annotated[int, Field(gt=0)] = 256
     temperature: Annotated[float, Field(gt=0)] = 0.8
     top_k: Annotated[int, Field(ge=0)] = 40

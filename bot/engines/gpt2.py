@@ -39,32 +39,53 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
-def _conv1d(module: Any) -> Linear:
-    """GPT-2's `Conv1D` (weight `[in, out]`) as `x @ W + b`, sharing its tensors."""
-    weight, bias = module.weight.detach(), module.bias.detach()
-    return lambda x: torch.addmm(bias, x, weight)
+class Int8Conv1D(torch.nn.Module):
+    """GPT-2's `Conv1D` with int8 weights (one scale per output channel) and
+    int8 activations (one scale per row, found on the fly), multiplied by
+    `torch._int_mm` (VNNI/AMX kernels on x86). A module, so the transformers
+    model itself runs quantized too (for perplexity)."""
 
+    def __init__(self, conv: Any) -> None:
+        super().__init__()
+        weight = conv.weight.detach().float()
+        scale = (weight.abs().amax(dim=0) / 127.0).clamp(min=1e-8)
+        quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.register_buffer("weight8", quantized)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", conv.bias.detach().float().clone())
 
-def _int8(module: Any) -> Linear:
-    """`Conv1D` with int8 weights (per output channel) and int8 activations
-    (per row, quantized on the fly), multiplied by `torch._int_mm`."""
-    weight = module.weight.detach().float()
-    scale = (weight.abs().amax(dim=0) / 127.0).clamp(min=1e-8)
-    quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
-    bias = module.bias.detach().float()
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward2d(self, x: torch.Tensor) -> torch.Tensor:
         x_scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
         x8 = (x / x_scale).round_().to(torch.int8)
-        if x8.shape[0] <= 16:  # _int_mm wants more than 16 rows
-            padded = x8.new_zeros((17, x8.shape[1]))
-            padded[: x8.shape[0]] = x8
-            product = torch._int_mm(padded, quantized)[: x8.shape[0]]
-        else:
-            product = torch._int_mm(x8, quantized)
-        return torch.addcmul(bias, product.float(), x_scale * scale)
+        product = torch._int_mm(x8, self.weight8)
+        return torch.addcmul(self.bias, product.float(), x_scale * self.scale)
 
-    return forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        return self.forward2d(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
+
+
+def quantize_int8(model: Any) -> int:
+    """Swap every `Conv1D` of the transformer blocks for an `Int8Conv1D` (in place);
+    returns how many were swapped. The embeddings and the LM head stay fp32."""
+    from transformers.pytorch_utils import Conv1D
+
+    swapped = 0
+    for block in model.transformer.h:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv1D):
+                    setattr(parent, name, Int8Conv1D(child))
+                    swapped += 1
+    return swapped
+
+
+def _linear(module: Any) -> Linear:
+    """`x @ W + b` for a 2-D `x`, sharing the module's tensors."""
+    if isinstance(module, Int8Conv1D):
+        return module.forward2d
+    weight, bias = module.weight.detach(), module.bias.detach()
+    return lambda x: torch.addmm(bias, x, weight)
 
 
 def supports(model: Any) -> bool:
@@ -74,9 +95,7 @@ def supports(model: Any) -> bool:
 class Gpt2Runner:
     """Prefill and decode for up to `slots` rows of at most `max_len` tokens each."""
 
-    def __init__(
-        self, model: Any, *, slots: int, max_len: int, device: torch.device, quantize: str = "none"
-    ) -> None:
+    def __init__(self, model: Any, *, slots: int, max_len: int, device: torch.device) -> None:
         if not supports(model):
             raise EngineUnavailable(
                 f"the local engine serves GPT-2-family models (GPT2LMHeadModel), not "
@@ -100,7 +119,7 @@ class Gpt2Runner:
         inverse = bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
         self.scales = [base / (index + 1 if inverse else 1) for index in range(self.layers)]
         transformer = model.transformer
-        linear = _int8 if quantize == "int8" else _conv1d
+        linear = _linear
         self.blocks = [
             (
                 (block.ln_1.weight.detach(), block.ln_1.bias.detach()),
@@ -126,7 +145,7 @@ class Gpt2Runner:
     def slot_bytes(model: Any, max_len: int) -> int:
         """Memory of one slot's keys and values."""
         config = model.config
-        element = next(model.parameters()).element_size()
+        element = model.transformer.wte.weight.element_size()
         return 2 * int(config.n_layer) * (max_len + 1) * int(config.n_embd) * element
 
     @property

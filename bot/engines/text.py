@@ -183,9 +183,14 @@ class LocalTextEngine:
     def _load(self) -> None:
         import torch
 
-        from bot.engines.gpt2 import Gpt2Runner, supports
+        from bot.engines.gpt2 import Gpt2Runner, quantize_int8, supports
 
         s = self.settings
+        # Denormal floats take a slow microcode path on x86: with them a decode
+        # step of the bundled model ran 10x slower on some inputs. This thread
+        # (and the OpenMP workers it starts) flushes them to zero, as CPU
+        # inference engines do.
+        torch.set_flush_denormal(True)
         if s.threads:
             torch.set_num_threads(s.threads)
         model, self.tokenizer, self.device = load_causal_lm(s.model)
@@ -199,15 +204,15 @@ class LocalTextEngine:
             raise EngineUnavailable(
                 "text.quantize = 'int8' works on the CPU only; set text.device = 'cpu'"
             )
+        if s.quantize == "int8":
+            quantize_int8(model)
         self.model = model
         positions = model_positions(model)
         max_new = s.sampling.max_new_tokens
         self.prompt_budget = max(8, min(s.max_history_tokens, positions - max_new))
         max_len = min(positions, self.prompt_budget + max_new)
         slots, cache_bytes = self._memory_plan(Gpt2Runner.slot_bytes(model, max_len))
-        runner = Gpt2Runner(
-            model, slots=slots, max_len=max_len, device=self.device, quantize=s.quantize
-        )
+        runner = Gpt2Runner(model, slots=slots, max_len=max_len, device=self.device)
         self._decoder = BatchDecoder(
             runner,
             self.tokenizer,

@@ -1,0 +1,322 @@
+"""`aigc-bot bench --peers`: ours against the engines a user would pick instead.
+
+In one process, on one model, for every user count and both arrival patterns
+(`peer_run`), one engine right after the other:
+
+* ours (bot) — the real path: manager + SQLite store + our engine;
+* ours (engine) — our engine alone, on the same harness as the peers;
+* transformers `generate`, CTranslate2 float32 and int8 (`peers`), each
+  behind a dynamic batcher.
+
+Every engine gets the same users, messages, sampling settings and prompt
+budget, and every reply is exactly `--new-tokens` long. Then the bot's peak
+memory at the largest user count, in a fresh process (`memory`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bot.bench.peer_run import (
+    CLOSED_LOOP,
+    LOCKSTEP,
+    PatternRun,
+    engine_ask,
+    peer_ask,
+    run_bot,
+    run_pattern,
+)
+from bot.bench.peers import Peer, PeerServer, Skipped, build_peers
+from bot.bench.plan import Plan
+from bot.bench.setup import (
+    Progress,
+    bench_config,
+    describe_device,
+    describe_model,
+    load_average,
+    resolve_model,
+    user_scripts,
+)
+from bot.config import Config
+
+PATTERNS = (LOCKSTEP, CLOSED_LOOP)
+OURS = ("ours (bot)", "ours (engine)")
+
+
+def workload(base: Config, plan: Plan, new_tokens: int) -> dict[str, Any]:
+    """What every engine is asked to do (the JSON's `workload`)."""
+    text = base.text
+    return {
+        "turns": plan.turns,
+        "new_tokens": new_tokens,
+        "forced_length": "EOS impossible before new_tokens: text.min_new_tokens (ours), "
+        "min_new_tokens (transformers), min_length (CTranslate2)",
+        "sampling": {
+            "greedy": text.greedy,
+            "temperature": text.temperature,
+            "top_k": text.top_k,
+            "top_p": text.top_p,
+            "repetition_penalty": text.repetition_penalty,
+        },
+        "max_batch_size": text.max_batch_size,
+        "batch_wait_ms": text.batch_wait_ms,
+        "closed_loop_ramp_s": plan.ramp_s,
+    }
+
+
+async def run_peers(
+    base: Config, plan: Plan, *, progress: bool = False, memory: bool = True
+) -> dict[str, Any]:
+    """Every engine in both patterns at every user count; a JSON-ready dict."""
+    import torch
+
+    from bot.app import BotApp
+    from bot.bench.workloads import heldout_dialogues
+    from bot.engines.loading import load_causal_lm
+    from bot.engines.settings import ModelSource
+
+    started = time.perf_counter()
+    load_start = load_average()
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
+    new_tokens = plan.new_tokens or base.text.max_new_tokens
+    with tempfile.TemporaryDirectory(prefix="aigc-peers-") as tmp:
+        workdir = Path(tmp)
+        model, chosen = await asyncio.to_thread(resolve_model, plan.model, base, workdir)
+        dialogues, _ = await asyncio.to_thread(heldout_dialogues, model, max(plan.users))
+        scripts = user_scripts(dialogues, max(plan.users), plan.turns)
+        config = bench_config(
+            base, model, workdir / "peers.db", max_new_tokens=new_tokens, min_new_tokens=new_tokens
+        )
+        source = ModelSource(config.text.model, config.text.device)
+        hf_model, tokenizer, device = await asyncio.to_thread(load_causal_lm, source)
+        sampling = _sampling(config)
+        peers, skipped = await asyncio.to_thread(
+            build_peers,
+            model,
+            hf_model,
+            tokenizer,
+            device,
+            workdir,
+            sampling=sampling,
+            new_tokens=new_tokens,
+            threads=torch.get_num_threads(),
+        )
+        engines = len(OURS) + len(peers)
+        bar = Progress(progress, engines * len(PATTERNS) * sum(plan.users) * plan.turns)
+        try:
+            async with BotApp(config) as app:
+                tuned: dict[str, int] = {}
+                rows = await _all_runs(app, peers, tokenizer, scripts, plan, bar, tuned)
+                engine: Any = app.engine
+                described = {
+                    "model": {**describe_model(model, hf_model, tokenizer), "chosen": chosen},
+                    "device": describe_device(device, hf_model),
+                    "prompt_budget": engine.prompt_budget,
+                }
+                turn_latency = await _turn_latency(app, scripts, plan, bar)
+        finally:
+            bar.close()
+        measured: dict[str, Any] | None = None
+        if memory:
+            from bot.bench.memory import measure_memory
+
+            probe = bench_config(
+                base,
+                model,
+                workdir / "memory.db",
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                threads=torch.get_num_threads(),
+            )
+            users, turns = max(plan.users), min(plan.turns, 8)
+            measured = await asyncio.to_thread(measure_memory, probe, scripts, users, turns)
+    result: dict[str, Any] = {
+        **described,
+        "workload": workload(config, plan, new_tokens),
+        "skipped": [{"engine": s.name, "note": s.note} for s in skipped],
+        "peer_batching": {name: size or "one batch" for name, size in tuned.items()},
+        "runs": rows,
+        "turn_latency": turn_latency,
+    }
+    result["ratios"] = ratios(rows)
+    if measured is not None:
+        result["memory"] = measured
+    result["device"]["load_average"] = {"start": load_start, "end": load_average()}
+    result["targets"] = targets(result)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _sampling(config: Config) -> Any:
+    from bot.engine_settings import sampling_settings
+
+    return sampling_settings(config.text)
+
+
+def _sample_prompts(tokenizer: Any, scripts: list[list[str]], budget: int) -> list[list[int]]:
+    """Prompts shaped like a conversation's later turns (for tuning, not timed)."""
+    from bot.engines.prompt import encode_dialogue
+
+    filler = "that sounds nice, tell me more about it please"
+    prompts = []
+    for script in scripts:
+        turns = [turn for text in script[:6] for turn in (text, filler)]
+        prompts.append(encode_dialogue(tokenizer, turns[:-1], budget))
+    return prompts
+
+
+async def _all_runs(
+    app: Any,
+    peers: list[Peer],
+    tokenizer: Any,
+    scripts: list[list[str]],
+    plan: Plan,
+    bar: Progress,
+    tuned: dict[str, int],
+) -> list[dict[str, Any]]:
+    engine, manager = app.engine, app.manager
+    text = app.config.text
+    # warm-up, not timed: first calls pay for lazy initialisation
+    await engine.generate(["hello there"])
+    for peer in peers:
+        await asyncio.to_thread(peer.generate, [tokenizer("hello there")["input_ids"]])
+    sample = _sample_prompts(tokenizer, scripts[: max(plan.users)], engine.prompt_budget)
+    for peer in peers:
+        tune = getattr(peer, "tune", None)
+        if tune is not None:
+            tuned[peer.name] = await asyncio.to_thread(tune, sample)
+    rows: list[dict[str, Any]] = []
+    for users in plan.users:
+        chosen = [script[: plan.turns] for script in scripts[:users]]
+        for pattern in PATTERNS:
+            ramp = plan.ramp_s if pattern == CLOSED_LOOP else 0.0
+            tag = f"{pattern}-{users}"
+            bar.phase(f"{pattern}, {users} users: ours")
+            runs: list[PatternRun] = [
+                await run_bot(
+                    manager, engine, pattern, chosen, f"bot-{tag}", ramp_s=ramp, tick=bar.tick
+                )
+            ]
+            ask = engine_ask(engine, tokenizer, f"engine-{tag}")
+            runs.append(
+                await run_pattern("ours (engine)", pattern, ask, chosen, ramp_s=ramp, tick=bar.tick)
+            )
+            for peer in peers:
+                bar.phase(f"{pattern}, {users} users: {peer.name}")
+                server = PeerServer(
+                    peer, max_batch=text.max_batch_size, batch_wait_ms=text.batch_wait_ms
+                )
+                with server:
+                    ask = peer_ask(server, tokenizer, engine.prompt_budget)
+                    run = await run_pattern(
+                        peer.name, pattern, ask, chosen, ramp_s=ramp, tick=bar.tick
+                    )
+                summary = run.summary()
+                summary["mean_batch"] = round(sum(server.batches) / max(1, len(server.batches)), 2)
+                rows.append({**summary, "messages": run.messages, "reply_tokens": run.reply_tokens})
+            for run in runs:
+                rows.append(
+                    {**run.summary(), "messages": run.messages, "reply_tokens": run.reply_tokens}
+                )
+    return rows
+
+
+async def _turn_latency(
+    app: Any, scripts: list[list[str]], plan: Plan, bar: Progress
+) -> dict[str, Any]:
+    """One user alone through the real path, `turns` messages, `turn_repeats`
+    times; the ratio of the last turn's median latency to the first's."""
+    from statistics import median
+
+    per_run = []
+    bar.phase("turn latency")
+    for repeat in range(plan.turn_repeats):
+        script = [scripts[repeat % len(scripts)][: plan.turns]]
+        run = await run_bot(
+            app.manager,
+            app.engine,
+            CLOSED_LOOP,
+            script,
+            f"alone{repeat}",
+            ramp_s=0,
+            tick=lambda: None,
+        )
+        per_run.append(run.latencies[0])
+    medians = [round(median(run[turn] for run in per_run), 4) for turn in range(plan.turns)]
+    return {
+        "users": 1,
+        "turns": plan.turns,
+        "repeats": plan.turn_repeats,
+        "ours": round(medians[-1] / medians[0], 3),
+        "ours_latency_s": medians,
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each user count and pattern: ours against the best peer."""
+    out = []
+    keys = sorted({(row["users"], row["pattern"]) for row in rows})
+    for users, pattern in keys:
+        group = [row for row in rows if row["users"] == users and row["pattern"] == pattern]
+        peers = [row for row in group if row["engine"] not in OURS]
+        if not peers:
+            continue
+        best = max(peers, key=lambda row: row["tokens_per_s"])
+        entry: dict[str, Any] = {
+            "users": users,
+            "pattern": pattern,
+            "best_peer": best["engine"],
+            "best_peer_tokens_per_s": best["tokens_per_s"],
+        }
+        for row in group:
+            if row["engine"] in OURS and best["tokens_per_s"]:
+                entry[row["engine"]] = round(row["tokens_per_s"] / best["tokens_per_s"], 2)
+        out.append(entry)
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    widest = max(row["users"] for row in result["runs"])
+    goals = {LOCKSTEP: 1.0, CLOSED_LOOP: 1.5}
+    found = []
+    for entry in result["ratios"]:
+        if entry["users"] == widest:
+            goal = goals[entry["pattern"]]
+            value = entry.get("ours (bot)")
+            found.append(
+                {
+                    "name": f"ours (bot) / best peer ({entry['best_peer']}), {entry['pattern']}, "
+                    f"{widest} users",
+                    "target": f">= {goal:g}",
+                    "value": value,
+                    "met": value is not None and value >= goal,
+                }
+            )
+    ratio = result["turn_latency"]["ours"]
+    found.append(
+        {
+            "name": f"turn {result['turn_latency']['turns']} / turn 1 latency (ours, 1 user)",
+            "target": "<= 1.3",
+            "value": ratio,
+            "met": ratio <= 1.3,
+        }
+    )
+    memory = result.get("memory")
+    if memory and "kv_bytes" in memory:
+        found.append(
+            {
+                "name": "KV cache within text.kv_cache_mb",
+                "target": f"<= {memory['kv_budget_bytes']:,} bytes",
+                "value": memory["kv_bytes"],
+                "met": memory["kv_bytes"] <= memory["kv_budget_bytes"],
+            }
+        )
+    return found
+
+
+__all__ = ["Skipped", "ratios", "run_peers", "targets", "workload"]

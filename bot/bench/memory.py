@@ -1,0 +1,76 @@
+"""The bot's memory at load: a fresh process runs the real path (manager +
+SQLite store + engine) with N closed-loop users and reports its peak RSS and
+how much of it is key/value cache (the batch's slots and the prefix cache),
+against the `text.kv_cache_mb` budget."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import resource
+from typing import Any
+
+from bot.config import Config
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
+    from bot.app import BotApp
+    from bot.bench.peer_run import CLOSED_LOOP, run_bot
+
+    before = _rss_bytes()
+    async with BotApp(config) as app:
+        engine: Any = app.engine
+        loaded = _rss_bytes()
+        run = await run_bot(
+            app.manager, engine, CLOSED_LOOP, scripts, "memory", ramp_s=0.0, tick=lambda: None
+        )
+        cache = engine.prefix_cache
+        runner = engine.decoder.runner
+        kv = engine.kv_bytes
+        result = {
+            "users": len(scripts),
+            "turns": len(scripts[0]) if scripts else 0,
+            "errors": len(run.errors),
+            "rss_before_start_bytes": before,
+            "rss_after_load_bytes": loaded,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "kv_bytes": kv,
+            "kv_batch_bytes": runner.nbytes,
+            "kv_prefix_bytes": cache.bytes_used if cache is not None else 0,
+            "kv_prefix_entries": len(cache) if cache is not None else 0,
+            "kv_budget_bytes": config.text.kv_cache_mb * 2**20,
+            "batch_rows": runner.slots,
+        }
+    result["kv_share_of_peak_rss"] = round(kv / result["peak_rss_bytes"], 3)
+    return result
+
+
+def _child(config: Config, scripts: list[list[str]], out: Any) -> None:
+    try:
+        out.put(asyncio.run(_probe(config, scripts)))
+    except Exception as exc:  # reported, not raised, across the process boundary
+        out.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_memory(
+    config: Config, scripts: list[list[str]], users: int, turns: int
+) -> dict[str, Any]:
+    """`_probe` in a fresh (spawned) process, so nothing else this bench loaded counts."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    chosen = [script[:turns] for script in scripts[:users]]
+    process = context.Process(target=_child, args=(config, chosen, out), daemon=True)
+    process.start()
+    try:
+        result: dict[str, Any] = out.get(timeout=1800)
+    finally:
+        process.join(timeout=60)
+    return result

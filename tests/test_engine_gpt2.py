@@ -1,0 +1,83 @@
+"""The lean GPT-2 forward pass against transformers' own, on the tiny model:
+prefill, decode, rows of different lengths in one batch, a cached prefix
+loaded into a slot, a slot moved, and the int8 layers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bot.engines import EngineUnavailable
+from bot.engines.gpt2 import Gpt2Runner, Int8Conv1D, quantize_int8
+from bot.engines.loading import load_causal_lm
+from bot.engines.settings import ModelSource
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path) -> Any:
+    return load_causal_lm(ModelSource(str(tiny_model_dir), "cpu"))[0]
+
+
+def _reference(model: Any, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits: torch.Tensor = model(input_ids=torch.tensor([ids])).logits[0]
+    return logits
+
+
+def test_prefill_and_decode_match_transformers(model: Any) -> None:
+    torch.manual_seed(0)
+    vocab = model.config.vocab_size
+    rows = [torch.randint(0, vocab, (n,)).tolist() for n in (3, 30, 11)]
+    runner = Gpt2Runner(model, slots=4, max_len=64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        logits = runner.prefill(0, [ids[:-2] for ids in rows], [0, 0, 0])
+        for index, ids in enumerate(rows):
+            expected = _reference(model, ids)
+            assert torch.allclose(logits[index], expected[len(ids) - 3], atol=ATOL)
+        for step in (2, 1):
+            tokens = torch.tensor([ids[-step] for ids in rows])
+            positions = torch.tensor([len(ids) - step for ids in rows])
+            logits = runner.decode(tokens, positions)
+            for index, ids in enumerate(rows):
+                assert torch.allclose(logits[index], _reference(model, ids)[-step], atol=ATOL)
+
+
+def test_a_cached_prefix_and_a_moved_slot_give_the_same_logits(model: Any) -> None:
+    ids = torch.randint(0, model.config.vocab_size, (24,)).tolist()
+    runner = Gpt2Runner(model, slots=3, max_len=64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        runner.prefill(0, [ids[:16]], [0])
+        prefix = runner.export(0, 16)
+        assert prefix.shape[:2] == (model.config.n_layer, 2) and prefix.shape[-2] == 16
+        runner.load(2, prefix)
+        logits = runner.prefill(2, [ids[16:]], [16])
+        assert torch.allclose(logits[0], _reference(model, ids)[-1], atol=ATOL)
+        runner.move(2, 0, len(ids))
+        logits = runner.decode(torch.tensor([5]), torch.tensor([len(ids)]))
+        assert torch.allclose(logits[0], _reference(model, [*ids, 5])[-1], atol=ATOL)
+
+
+def test_int8_layers_stay_close_to_fp32(tiny_model_dir: Path, model: Any) -> None:
+    quantized = load_causal_lm(ModelSource(str(tiny_model_dir), "cpu"))[0]
+    assert quantize_int8(quantized) == 4 * model.config.n_layer
+    assert any(isinstance(module, Int8Conv1D) for module in quantized.modules())
+    ids = torch.randint(0, model.config.vocab_size, (20,)).tolist()
+    runner = Gpt2Runner(quantized, slots=1, max_len=32, device=torch.device("cpu"))
+    with torch.inference_mode():
+        logits = runner.prefill(0, [ids], [0])[0]
+    expected = _reference(model, ids)[-1]
+    assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
+    assert torch.allclose(logits, _reference(quantized, ids)[-1], atol=ATOL)
+
+
+def test_other_architectures_are_refused_with_the_key_to_change() -> None:
+    class Other:
+        config = None
+
+    with pytest.raises(EngineUnavailable, match="GPT-2-family"):
+        Gpt2Runner(Other(), slots=1, max_len=8, device=torch.device("cpu"))
