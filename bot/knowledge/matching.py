@@ -118,10 +118,10 @@ def chosen_suggestion(reply: str, offered: int) -> int | None:
     if not tokens or len(tokens) > 6:
         return None
     picks = {_ORDINALS[token] for token in tokens if token in _ORDINALS}
-    if not picks and "one" in tokens:  # "one", "number one" (but "the second one" is 2)
-        picks.add(0)
     if any(token in _LAST for token in tokens):
         picks.add(offered - 1)
+    if not picks and "one" in tokens:  # "one", "number one" (but "the second one" is 2)
+        picks.add(0)
     rest = [t for t in tokens if t not in _ORDINALS and t not in _LAST and t not in _FILLER]
     if len(picks) == 1:
         pick = picks.pop()

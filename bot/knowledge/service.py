@@ -70,13 +70,16 @@ class KnowledgeService:
         cache: IndexCache,
         store: Store | None,
         metrics: Metrics | None,
+        embedder: Embedder | None = None,
     ) -> None:
         self.settings = settings
         self.path = path
         self.store = store
         self.metrics = metrics
         self.cache = cache
-        self.embedder = Embedder(
+        #: A started embedder passed in stays its owner's to start and close.
+        self._owns_embedder = embedder is None
+        self.embedder = embedder or Embedder(
             settings.embedding_model,
             max_batch_size=settings.max_batch_size,
             batch_wait_ms=settings.batch_wait_ms,
@@ -91,26 +94,34 @@ class KnowledgeService:
 
     @classmethod
     def create(
-        cls, config: Config, store: Store | None, metrics: Metrics | None
+        cls,
+        config: Config,
+        store: Store | None,
+        metrics: Metrics | None,
+        *,
+        embedder: Embedder | None = None,
     ) -> KnowledgeService | None:
-        """None when the knowledge base is off; `KnowledgeError` for a bad file."""
+        """None when the knowledge base is off; `KnowledgeError` for a bad file.
+        `embedder` shares one started model between services (tests, the bench)."""
         settings = config.knowledge
         if not settings.faq.strip():
             return None
         path = config.relative_to_config(settings.faq)
         faq = load_faq(path)
         cache = IndexCache(config.resolve_path(config.bot.data_dir) / "knowledge")
-        return cls(settings, path, faq, cache, store, metrics)
+        return cls(settings, path, faq, cache, store, metrics, embedder)
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         """Load the model and the index (cached, or built now), then watch the file."""
-        await self.embedder.start()
+        if self._owns_embedder:
+            await self.embedder.start()
         try:
             self._loaded = await self._load(self._faq, self._signature)
         except BaseException:
-            await self.embedder.close()
+            if self._owns_embedder:
+                await self.embedder.close()
             raise
         if self.settings.reload_interval_s > 0:
             self._watcher = asyncio.create_task(self._watch(), name="knowledge-watcher")
@@ -121,7 +132,8 @@ class KnowledgeService:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        await self.embedder.close()
+        if self._owns_embedder:
+            await self.embedder.close()
 
     @property
     def faq(self) -> FaqFile:
@@ -135,7 +147,7 @@ class KnowledgeService:
         return self._loaded.index
 
     async def _load(self, faq: FaqFile, signature: tuple[int, int]) -> _Loaded:
-        model = self.settings.embedding_model
+        model = self.embedder.model_name
         index = await asyncio.to_thread(self.cache.load, faq, model)
         if index is None:
             index = await build_index(faq, self.embedder.embed_many)
