@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     # generate() warns that EOS-as-pad "may be padding" even with an attention mask given
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     overrides = {
         "users": args.users,
         "turns": args.turns,

@@ -98,7 +98,7 @@ class CTranslate2Peer:
         sampling: SamplingSettings,
         new_tokens: int,
     ) -> None:
-        import ctranslate2
+        import ctranslate2  # type: ignore[import-untyped]
 
         self.name = f"CTranslate2 {compute_type}"
         self.tokenizer = tokenizer
@@ -152,7 +152,7 @@ def ctranslate2_missing() -> str | None:
 
 def convert_for_ctranslate2(model_dir: str, output: Path, quantization: str) -> Path:
     """The model in CTranslate2's format, converted with its own converter."""
-    from ctranslate2.converters import TransformersConverter
+    from ctranslate2.converters import TransformersConverter  # type: ignore[import-untyped]
 
     TransformersConverter(model_dir).convert(str(output), quantization=quantization, force=True)
     return output

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import TextSection
+from bot.engines import TextChunk
 from bot.engines.prompt import encode_dialogue
 from bot.messages import Incoming, Notice, Text
 
@@ -203,8 +204,10 @@ class InstantEngine:
     async def close(self) -> None:
         return None
 
-    async def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[Text]:
-        yield Text("ok", final=True)
+    async def stream(
+        self, turns: Sequence[str], *, conversation: str = ""
+    ) -> AsyncIterator[TextChunk]:
+        yield TextChunk("ok", final=True, tokens=1)
 
     async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
         return "ok"
@@ -248,13 +251,11 @@ def perplexity_of(
     model: Any, tokenizer: Any, device: Any, dialogues: Sequence[Sequence[str]]
 ) -> tuple[float, int]:
     """(perplexity, scored tokens) of `model` on `dialogues` in the engine's turn format."""
+    from bot.engines.loading import model_positions
     from bot.training.data import encode_dialogues
     from bot.training.evaluate import dialogue_nll, perplexity
 
-    config = model.config
-    block = int(
-        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
-    )
+    block = model_positions(model)
     examples = encode_dialogues(tokenizer, dialogues, block)
     nll, count = dialogue_nll(model, examples, device)
     return perplexity(nll, count), count

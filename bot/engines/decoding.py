@@ -207,8 +207,8 @@ class BatchDecoder:
             self._save_prefix(row, index)
             if not row.request.cancelled.is_set():
                 self._emit(row, done=True)
-        done = set(finished)
-        order = [index for index in range(len(rows)) if index not in done]
+        leaving = set(finished)
+        order = [index for index in range(len(rows)) if index not in leaving]
         for index in order:
             self._emit(rows[index], done=False)
         if finished:

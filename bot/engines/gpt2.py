@@ -45,6 +45,10 @@ class Int8Conv1D(torch.nn.Module):
     `torch._int_mm` (VNNI/AMX kernels on x86). A module, so the transformers
     model itself runs quantized too (for perplexity)."""
 
+    weight8: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, conv: Any) -> None:
         super().__init__()
         weight = conv.weight.detach().float()
@@ -146,7 +150,7 @@ class Gpt2Runner:
         """Memory of one slot's keys and values."""
         config = model.config
         element = model.transformer.wte.weight.element_size()
-        return 2 * int(config.n_layer) * (max_len + 1) * int(config.n_embd) * element
+        return int(2 * int(config.n_layer) * (max_len + 1) * int(config.n_embd) * element)
 
     @property
     def nbytes(self) -> int:

@@ -126,7 +126,7 @@ def load_pretrained_lm(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     def load(target: str, local_only: bool) -> tuple[Any, Any]:
         tokenizer = load_tokenizer(target, local_only)
@@ -161,9 +161,10 @@ def load_causal_lm(source: ModelSource) -> tuple[Any, Any, Any]:
 
 def model_positions(model: Any) -> int:
     config = model.config
-    return int(
-        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    positions: Any = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", 1024
     )
+    return int(positions)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

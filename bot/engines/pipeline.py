@@ -44,7 +44,7 @@ def load_pipeline(settings: ImageEngineSettings) -> tuple[Any, Any]:
         ) from exc
 
     diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     name = settings.model
     device = resolve_device(settings.device, "draw.device", ImageEngineUnavailable)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -54,7 +54,7 @@ def load_pipeline(settings: ImageEngineSettings) -> tuple[Any, Any]:
             # Newer diffusers call it `dtype`; `torch_dtype` works in every version.
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            return AutoPipelineForText2Image.from_pretrained(
+            return AutoPipelineForText2Image.from_pretrained(  # type: ignore[no-untyped-call]
                 target, torch_dtype=dtype, local_files_only=local_only
             )
 
