@@ -95,10 +95,34 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return asyncio.run(run_checks(_load(args), args.config))
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every parser, subcommands included, takes the global options, so both
+    `aigc-bot --config PATH run` and `aigc-bot run --config PATH` work. Their
+    defaults are set once, on the top parser; a value given after the
+    subcommand wins."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--config",
+            default=argparse.SUPPRESS,
+            help="config file (default: $AIGC_BOT_CONFIG or ./config.toml)",
+        )
+        self.add_argument(
+            "--log-level",
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            default=argparse.SUPPRESS,
+            help="log level (default: [bot] log_level)",
+        )
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("parser_class", _Parser)
+        return super().add_subparsers(**kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aigc-bot", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="config file (default: $AIGC_BOT_CONFIG or ./config.toml)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None)
+    parser = _Parser(prog="aigc-bot", description=__doc__.splitlines()[0])
+    parser.set_defaults(config=None, log_level=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("run", help="run every enabled channel until SIGINT/SIGTERM").set_defaults(

@@ -31,6 +31,7 @@ from bot.app import BotApp
 from bot.config import Config
 from bot.engine_settings import build_text_engine
 from bot.engines import TextChunk, TextEngine
+from bot.messages import Reply, Source, Text
 
 #: Debian's Chromium (`make browser` installs it); another build can be named here.
 CHROMIUM = os.environ.get("AIGC_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -148,7 +149,30 @@ class ThreadedBot:
         assert self.loop is not None
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(30)
 
-    def add_exchange(self, token: str, user_text: str, bot_text: str) -> None:
+    def push(self, token: str, reply: Reply) -> None:
+        """Push `reply` to the session's conversation, as an operator's answer would be."""
+        assert self.app is not None and self.app.store is not None
+        store, delivery = self.app.store, self.app.delivery
+
+        async def push() -> None:
+            user_id = await store.sessions.user_for(token_hash(token))
+            assert user_id is not None and delivery is not None
+            conversation, _ = await store.conversations.ensure_active("web", user_id, user_id)
+            if isinstance(reply, Text) and reply.role == "operator":
+                await store.conversations.add_operator_message(
+                    conversation_id=conversation,
+                    platform="web",
+                    user_id=user_id,
+                    operator=reply.author,
+                    text=reply.text,
+                )
+            assert await delivery.push(conversation, reply)
+
+        self.call(push())
+
+    def add_exchange(
+        self, token: str, user_text: str, bot_text: str, source: dict[str, Any] | None = None
+    ) -> None:
         """Store a turn in the session's conversation, as if the bot had said `bot_text`."""
         assert self.app is not None and self.app.store is not None
         store = self.app.store
@@ -165,7 +189,11 @@ class ThreadedBot:
                 text=user_text,
             )
             await store.conversations.add_bot_message(
-                reply_to=stored.message, platform="web", user_id=user_id, text=bot_text
+                reply_to=stored.message,
+                platform="web",
+                user_id=user_id,
+                text=bot_text,
+                source=source,
             )
 
         self.call(add())
@@ -527,3 +555,53 @@ def test_embedding_on_another_site_uses_cors(
     expect(w["errors"]).to_have_count(1)
     expect(w["errors"].first).to_contain_text("can't reach the chat service")
     expect(w["bot"]).to_have_count(0)
+
+
+def test_replies_pushed_later_appear_and_help_centre_answers_say_so(
+    new_page: Any, bot: ThreadedBot
+) -> None:
+    """A person from the team answers on GET /api/events while the visitor
+    waits: the widget shows it, named as the team's; an answer taken from the
+    FAQ carries a "From our help centre" label, live and after a reload."""
+    from playwright.sync_api import expect
+
+    page, watch = new_page()
+    page.goto(bot.url + "/")
+    w = widget_parts(page)
+    w["bubble"].click()
+    with page.expect_response(lambda r: r.url.endswith("/api/events")):
+        send(page, "I need a person please")
+    expect(w["bot"]).to_have_count(1)
+    token = page.evaluate(f"localStorage.getItem('aigc-bot-widget:{bot.url}:session')")
+    assert token
+
+    bot.push(token, Text("Hi, I'm Sam from the shop. <b>How can I help?</b>", role="operator",
+                         author="Sam", source=Source("operator")))  # fmt: skip
+    operator = page.locator(".msg.operator")
+    expect(operator.locator(".text")).to_have_text(
+        "Hi, I'm Sam from the shop. <b>How can I help?</b>"
+    )
+    expect(operator.locator(".who")).to_have_text("Sam")
+    expect(operator.locator(".sr-only")).to_have_text("Sam: ")
+
+    bot.push(token, Text("You can return any unused item within 30 days.",
+                         source=Source("faq", id="returns")))  # fmt: skip
+    faq = page.locator(".msg.bot.pushed")
+    expect(faq.locator(".text")).to_have_text("You can return any unused item within 30 days.")
+    expect(faq.locator(".source")).to_have_text("From our help centre")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "widget-pushed.png"))
+
+    bot.add_exchange(
+        token, "how do refunds work?", "Refunds take 5 days.", {"kind": "faq", "id": "refunds"}
+    )
+    page.reload()
+    w = widget_parts(page)
+    labelled = page.locator(".msg.bot", has=page.locator(".source"))
+    expect(labelled).to_have_count(1)
+    expect(labelled).to_contain_text("Refunds take 5 days.")
+    expect(page.locator(".msg.operator .text")).to_have_text(
+        ["Hi, I'm Sam from the shop. <b>How can I help?</b>"]
+    )
+    assert page.locator(".msg b").count() == 0
+    watch.assert_clean()

@@ -10,6 +10,11 @@
  * The widget lives in a shadow root, so the host page's CSS and ours never mix.
  * Bot text is only ever set with textContent: nothing from the server is
  * parsed as HTML. Plain JS, no build step.
+ *
+ * Besides the answers to what the visitor sends, it listens on
+ * GET /api/events for replies pushed later (a person from the team answering,
+ * an answer that arrives after a restart) and shows them as they come.
+ * Answers from the shop's help centre (FAQ) carry a small label saying so.
  */
 (function () {
   "use strict";
@@ -231,15 +236,32 @@
     if (force || nearBottom()) log.scrollTop = log.scrollHeight;
   }
 
-  function addMessage(kind, text, extraClass) {
+  function speaker(kind, meta) {
+    if (kind === "user") return "You: ";
+    if (kind === "bot") return title + ": ";
+    if (kind === "operator") return ((meta && meta.author) || "Our team") + ": ";
+    return "";
+  }
+
+  function addMessage(kind, text, extraClass, meta) {
     var stick = nearBottom();
-    var item = el("li", { class: "msg " + kind + (extraClass ? " " + extraClass : "") }, [
-      el("span", { class: "sr-only", text: kind === "user" ? "You: " : kind === "bot" ? title + ": " : "" }),
-      el("div", { class: "text", text: text }),
-    ]);
+    var children = [el("span", { class: "sr-only", text: speaker(kind, meta) })];
+    if (kind === "operator") {
+      children.push(el("div", { class: "who", "aria-hidden": "true", text: (meta && meta.author) || "Our team" }));
+    }
+    children.push(el("div", { class: "text", text: text }));
+    var source = meta && meta.source;
+    if (kind === "bot" && source && source.kind === "faq") {
+      children.push(el("div", { class: "source", text: "From our help centre" }));
+    }
+    var item = el("li", { class: "msg " + kind + (extraClass ? " " + extraClass : "") }, children);
     messages.appendChild(item);
     scrollDown(stick);
     return item;
+  }
+
+  function kindOf(entry) {
+    return entry.role === "user" ? "user" : entry.role === "operator" ? "operator" : "bot";
   }
 
   function setText(item, text) {
@@ -289,12 +311,65 @@
       var history = (await response.json()).messages || [];
       history.forEach(function (entry) {
         if (entry.type === "image" || entry.url) addImage(entry);
-        else addMessage(entry.role === "user" ? "user" : "bot", entry.text || "", "history");
+        else addMessage(kindOf(entry), entry.text || "", "history", entry);
+        seen(entry.at);
       });
       scrollDown(true);
+      listen();
     } catch (error) {
       addMessage("error", "Your earlier messages couldn't be loaded. " + readableError(error));
     }
+  }
+
+  // -- replies pushed later (GET /api/events) -------------------------------------------
+
+  var newest = "";
+  function seen(at) {
+    if (at && at > newest) newest = at;
+  }
+
+  function showPushed(name, data) {
+    if (name === "image") addImage(data);
+    else if (name === "message" && data.kind) addMessage("notice", data.text || "");
+    else if (name === "message") addMessage(kindOf(data), data.text || "", "pushed", data);
+    seen(data.at);
+  }
+
+  // What was pushed while the stream was down is in the history: show what is newer.
+  async function catchUp(token) {
+    var response = await fetch(base + "/api/messages", {
+      headers: { Authorization: "Bearer " + token, Accept: "application/json" },
+    });
+    if (!response.ok) return;
+    ((await response.json()).messages || []).forEach(function (entry) {
+      if (entry.role !== "user" && entry.at > newest) showPushed("message", entry);
+    });
+  }
+
+  var listening = false;
+  async function listen() {
+    if (listening || !session) return;
+    listening = true;
+    var pause = 1000;
+    var first = true;
+    while (session) {
+      var token = session;
+      try {
+        var response = await fetch(base + "/api/events", {
+          headers: { Authorization: "Bearer " + token, Accept: "text/event-stream" },
+        });
+        if (response.status === 401) { dropSession(token); break; }
+        if (!response.ok || !response.body) throw new Error("HTTP " + response.status);
+        if (!first) await catchUp(token);
+        first = false;
+        pause = 1000;
+        await readEvents(response, showPushed);
+      } catch (error) { /* offline or restarting: try again below */ }
+      first = false;
+      await new Promise(function (resolve) { setTimeout(resolve, pause); });
+      pause = Math.min(pause * 2, 30000);
+    }
+    listening = false;
   }
 
   // -- sending ---------------------------------------------------------------------------
@@ -312,13 +387,10 @@
       setText(this.bubble, data.text);
     } else if (name === "text") {
       if (this.bubble) {
-        setText(this.bubble, data.text);
-        this.bubble.classList.remove("streaming");
-        this.bubble.removeAttribute("aria-busy");
+        this.bubble.remove();
         this.bubble = null;
-      } else {
-        addMessage("bot", data.text);
       }
+      addMessage("bot", data.text, null, data);
     } else if (name === "image") {
       addImage(data);
     } else if (name === "notice") {
@@ -351,6 +423,7 @@
     var turn = new Turn();
     try {
       var token = await ensureSession();
+      listen();
       var response = await postMessage(token, text);
       if (response.status === 401) {
         dropSession(token);
