@@ -16,6 +16,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -522,6 +523,20 @@ async def test_hourly_limit_per_user_counts_from_the_store(services: Callable[..
     assert (await draw_all(restarted, "ann", "four"))[-1].kind is NoticeKind.RATE_LIMITED
     unlimited = await services(FakePipeline(), limits={"draws_per_hour": 0})
     assert isinstance((await draw_all(unlimited, "ann", "five"))[-1], Image)
+
+
+async def test_daily_limit_per_user_counts_from_midnight_utc(
+    services: Callable[..., Any],
+) -> None:
+    service = await services(FakePipeline(), limits={"draws_per_day": 1, "draws_per_hour": 0})
+    assert isinstance((await draw_all(service, "ann", "one"))[-1], Image)
+    [limited] = await draw_all(service, "ann", "two")
+    assert limited.kind is NoticeKind.RATE_LIMITED and "1 picture for today" in limited.text
+    now = datetime.now(UTC)
+    midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert limited.retry_after is not None
+    assert abs(limited.retry_after - (midnight - now).total_seconds()) < 5
+    assert isinstance((await draw_all(service, "bob", "mine"))[-1], Image)
 
 
 # -- records, export, forget, delivery --------------------------------------------------------

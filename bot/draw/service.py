@@ -160,7 +160,23 @@ class DrawService:
                 yield reply
 
     async def _refusal(self, incoming: Incoming) -> Notice | None:
-        """A notice when this user may not draw now (hourly limit, full queue)."""
+        """A notice when this user may not draw now (daily or hourly limit, full queue)."""
+        daily = self.config.limits.draws_per_day
+        if daily > 0:
+            now = datetime.now(UTC)
+            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            today = await self.store.draws.times_since(
+                incoming.platform, incoming.user_id, midnight, LIMITED_STATUSES
+            )
+            if len(today) >= daily:
+                wait = max(1.0, (midnight + timedelta(days=1) - now).total_seconds())
+                self._count("draw_rate_limited")
+                return Notice(
+                    f"You've had your {_plural(daily, 'picture')} for today. "
+                    f"Try again in {_wait_words(wait)} (at midnight UTC).",
+                    NoticeKind.RATE_LIMITED,
+                    retry_after=wait,
+                )
         limit = self.config.limits.draws_per_hour
         if limit > 0:
             since = datetime.now(UTC) - HOUR
