@@ -68,7 +68,7 @@ def test_eval_counts_right_wrong_and_abstained_answers(
     assert result["accuracy"] == 0.75  # 3 of the 4 in-scope questions
     assert result["false_answer_rate"] == round(1 / 6, 4)
     assert result["abstain_rate"] == round(2 / 6, 4)
-    assert result["answer_threshold"] == 0.6
+    assert result["answer_threshold"] == 0.65
     assert {"accuracy", "false_answer_rate", "abstain_rate"} <= set(result["baseline"])
     assert len(result["sweep"]) == 19
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -76,7 +76,7 @@ def test_eval_counts_right_wrong_and_abstained_answers(
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "accuracy           0.750" in table
-    assert "0.60" in table and "<- configured" in table
+    assert "0.65" in table and "<- configured" in table
 
 
 def test_eval_reports_a_bad_question_file_in_one_line(

@@ -17,7 +17,7 @@ class KnowledgeSection(Section):
     faq: str = ""
     #: At or above this score the entry's answer is sent word for word. Scores
     #: estimate the chance that the best entry is right (docs/KNOWLEDGE.md).
-    answer_threshold: Annotated[float, Field(ge=0, le=1)] = 0.6
+    answer_threshold: Annotated[float, Field(ge=0, le=1)] = 0.65
     #: From here up to `answer_threshold` the closest questions are offered.
     suggest_threshold: Annotated[float, Field(ge=0, le=1)] = 0.3
     #: Below `suggest_threshold`: the dialogue model answers, or a person is offered.

@@ -28,7 +28,7 @@ from bot.knowledge.faq import FaqEntry, FaqFile
 log = logging.getLogger(__name__)
 
 #: Bump when what is cached (or how it is computed) changes.
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 #: Inverse L2 strength of the classifier (chosen on examples/faq-dev.jsonl).
 CLASSIFIER_C = 10.0
 #: Cache files kept (the newest); older ones are removed.
@@ -65,6 +65,10 @@ class FaqIndex:
     #: len(entries) rows are entries; a single-entry FAQ has a small-talk row).
     coef: Vectors
     intercept: Vectors
+    #: The median top logit over the FAQ's own questions and answers. Logits
+    #: grow with the number of entries and of questions per entry; dividing by
+    #: this keeps one calibration (and one threshold) right for FAQs of any size.
+    reference: float
 
     @property
     def entries(self) -> tuple[FaqEntry, ...]:
@@ -92,8 +96,9 @@ def cache_key(faq: FaqFile, model: str) -> str:
 
 def train_classifier(
     questions: Vectors, labels: npt.NDArray[np.int64], answers: Vectors, small_talk: Vectors
-) -> tuple[Vectors, Vectors]:
-    """(coef, intercept) of a multinomial logistic regression over the entries."""
+) -> tuple[Vectors, Vectors, float]:
+    """(coef, intercept, reference) of a multinomial logistic regression over
+    the entries; see `FaqIndex.reference`."""
     from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 
     entries = len(answers)
@@ -110,7 +115,10 @@ def train_classifier(
     if coef.shape[0] == 1:  # two classes: sklearn keeps one row for class 1
         coef = np.concatenate([-coef / 2, coef / 2])
         intercept = np.concatenate([-intercept / 2, intercept / 2])
-    return coef, intercept
+    own = np.concatenate([questions, answers])
+    raw = own @ coef.T + intercept
+    top = (raw - raw.mean(axis=1, keepdims=True))[:, :entries].max(axis=1)
+    return coef, intercept, max(float(np.median(top)), 1e-3)
 
 
 async def build_index(faq: FaqFile, embed: Embed) -> FaqIndex:
@@ -126,10 +134,10 @@ async def build_index(faq: FaqFile, embed: Embed) -> FaqIndex:
     question_vectors = await embed(questions)
     answer_vectors = await embed([entry.answer for entry in faq.entries])
     small_talk = await embed(SMALL_TALK) if len(faq.entries) == 1 else answer_vectors[:0]
-    coef, intercept = await asyncio.to_thread(
+    coef, intercept, reference = await asyncio.to_thread(
         train_classifier, question_vectors, labels, answer_vectors, small_talk
     )
-    return FaqIndex(faq, question_vectors, labels, answer_vectors, coef, intercept)
+    return FaqIndex(faq, question_vectors, labels, answer_vectors, coef, intercept, reference)
 
 
 class IndexCache:
@@ -153,6 +161,7 @@ class IndexCache:
                     data["answer_vectors"].astype(np.float32),
                     data["coef"].astype(np.float32),
                     data["intercept"].astype(np.float32),
+                    float(data["reference"]),
                 )
         except FileNotFoundError:
             return None
@@ -182,6 +191,7 @@ class IndexCache:
                     answer_vectors=index.answer_vectors,
                     coef=index.coef,
                     intercept=index.intercept,
+                    reference=np.array(index.reference),
                 )
             os.replace(temporary, path)
         except OSError as exc:

@@ -1,10 +1,12 @@
 """From a message's embedding to a decision: answer, suggest, or fall back.
 
-The score an entry gets is `sigmoid(SLOPE * logit + OFFSET)`, where `logit` is
-the FAQ classifier's centred logit for it. SLOPE and OFFSET were fitted on
-examples/faq-dev.jsonl (with random subsets of the FAQ, so that it holds for
-FAQs of other sizes) to estimate the probability that the top entry is the
-right one: `answer_threshold = 0.6` then means "answer when at least 60% sure".
+The score an entry gets is `sigmoid(SLOPE * logit / reference + OFFSET)`,
+where `logit` is the FAQ classifier's centred logit for it and `reference`
+the median top logit over the FAQ's own questions (`FaqIndex.reference`).
+SLOPE and OFFSET were fitted on examples/faq-dev.jsonl, over random subsets of
+the FAQ's entries and of their questions (so that they hold for FAQs of other
+sizes), to estimate the probability that the top entry is the right one:
+`answer_threshold = 0.6` means "answer when at least 60% sure".
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from bot.knowledge.faq import FaqEntry
 from bot.knowledge.index import FaqIndex, Vectors
 
 #: Calibration of the classifier's top logit (see the module docstring).
-SLOPE = 3.48
-OFFSET = -7.84
+SLOPE = 13.98
+OFFSET = -7.83
 #: At most this many questions are offered in "Did you mean ...?".
 MAX_SUGGESTIONS = 3
 
@@ -40,8 +42,8 @@ class Match:
         return self.ranked[0][1]
 
 
-def calibrate(logit: float) -> float:
-    return 1.0 / (1.0 + math.exp(-(SLOPE * logit + OFFSET)))
+def calibrate(logit: float, reference: float) -> float:
+    return 1.0 / (1.0 + math.exp(-(SLOPE * logit / reference + OFFSET)))
 
 
 def rank(index: FaqIndex, vectors: Vectors) -> list[Match]:
@@ -51,7 +53,12 @@ def rank(index: FaqIndex, vectors: Vectors) -> list[Match]:
     for row in logits:
         order = np.argsort(-row, kind="stable")
         matches.append(
-            Match(tuple((index.entries[int(k)], calibrate(float(row[k]))) for k in order))
+            Match(
+                tuple(
+                    (index.entries[int(k)], calibrate(float(row[k]), index.reference))
+                    for k in order
+                )
+            )
         )
     return matches
 
