@@ -31,7 +31,11 @@ def _plan(model: Path) -> Plan:
 
 def _config(tmp_path: Path) -> Config:
     return Config.model_validate(
-        {"bot": {"data_dir": str(tmp_path / "data")}, "draw": {"enabled": False}}
+        {
+            "bot": {"data_dir": str(tmp_path / "data")},
+            "draw": {"enabled": False},
+            "text": {"device": "cpu"},
+        }
     )
 
 

@@ -94,6 +94,7 @@ class CTranslate2Peer:
         tokenizer: Any,
         *,
         compute_type: str,
+        device: str = "cpu",
         threads: int,
         sampling: SamplingSettings,
         new_tokens: int,
@@ -103,7 +104,7 @@ class CTranslate2Peer:
         self.name = f"CTranslate2 {compute_type}"
         self.tokenizer = tokenizer
         self.generator = ctranslate2.Generator(
-            str(model_dir), device="cpu", compute_type=compute_type, intra_threads=threads
+            str(model_dir), device=device, compute_type=compute_type, intra_threads=threads
         )
         self.new_tokens = new_tokens
         self.max_batch_size = 0  # 0: one batch; else CTranslate2 sorts by length and splits
@@ -172,22 +173,25 @@ def build_peers(
     """Every peer that can run here, and a note for each that cannot."""
     peers: list[Peer] = [TransformersPeer(model, tokenizer, device, sampling, new_tokens)]
     skipped: list[Skipped] = []
-    names = ("CTranslate2 float32", "CTranslate2 int8")
+    # the CTranslate2 compute types matching ours: fp32/int8 on the CPU, fp16 on CUDA
+    types = ("float32", "int8") if device.type == "cpu" else ("float16", "int8_float16")
+    names = tuple(f"CTranslate2 {compute}" for compute in types)
     missing = ctranslate2_missing()
+    if missing is None and device.type == "cuda":
+        import ctranslate2  # type: ignore[import-untyped]
+
+        if ctranslate2.get_cuda_device_count() < 1:
+            missing = "this ctranslate2 build sees no CUDA device"
     if missing is not None:
         return peers, [Skipped(name, missing) for name in names]
-    if device.type != "cpu":
-        note = "the CTranslate2 peers run on the CPU build only in this bench"
-        return peers, [Skipped(name, note) for name in names]
-    for quantization in ("float32", "int8"):
-        converted = convert_for_ctranslate2(
-            model_dir, workdir / f"ct2-{quantization}", quantization
-        )
+    for compute in types:
+        converted = convert_for_ctranslate2(model_dir, workdir / f"ct2-{compute}", compute)
         peers.append(
             CTranslate2Peer(
                 converted,
                 tokenizer,
-                compute_type=quantization,
+                compute_type=compute,
+                device=device.type,
                 threads=threads,
                 sampling=sampling,
                 new_tokens=new_tokens,
