@@ -81,3 +81,15 @@ def test_other_architectures_are_refused_with_the_key_to_change() -> None:
 
     with pytest.raises(EngineUnavailable, match="GPT-2-family"):
         Gpt2Runner(Other(), slots=1, max_len=8, device=torch.device("cpu"))
+
+
+def test_prefill_groups_rows_of_similar_length() -> None:
+    from bot.engines.decoding import _length_groups
+
+    assert _length_groups([5]) == [(0, 1)]
+    assert _length_groups([10, 12, 15, 20]) == [(0, 4)]  # little padding: one pass
+    # 30 cached rows with a few new tokens and 2 that missed their cache
+    lengths = [8] * 30 + [200, 210]
+    assert _length_groups(lengths) == [(0, 30), (30, 32)]
+    for groups in (_length_groups(lengths), _length_groups(list(range(1, 300, 7)))):
+        assert groups[0][0] == 0 and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))

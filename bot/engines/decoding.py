@@ -121,19 +121,33 @@ class BatchDecoder:
     def _prefill(
         self, requests: Sequence[DecodeRequest], first_slot: int
     ) -> tuple[list[_Row], torch.Tensor]:
-        """Put each request in its slot (cached prefix first) and encode the rest."""
-        fresh: list[list[int]] = []
-        starts: list[int] = []
-        for offset, request in enumerate(requests):
+        """Put each request in its slot (cached prefix first) and encode the rest.
+
+        Rows are encoded in groups of similar length, shortest first: a row
+        whose prefix was cached (a few new tokens) is not padded to the width
+        of one that missed (a whole prompt). Returns the rows in slot order."""
+        looked = []
+        for request in requests:
             reuse, layers = self.cache.lookup(request.cache_key, request.prompt_ids)
+            looked.append((request, reuse, layers))
+        looked.sort(key=lambda item: len(item[0].prompt_ids) - item[1])
+        for offset, (request, reuse, layers) in enumerate(looked):
             if layers is not None:
                 self.runner.load(first_slot + offset, layers)
-            fresh.append(request.prompt_ids[reuse:])
-            starts.append(reuse)
             self.prefilled_tokens += len(request.prompt_ids) - reuse
-        self._seen[first_slot : first_slot + len(requests)] = False
-        logits = self.runner.prefill(first_slot, fresh, starts)
-        return [_Row(request, list(request.prompt_ids)) for request in requests], logits
+        self._seen[first_slot : first_slot + len(looked)] = False
+        outputs = []
+        for start, end in _length_groups([len(r.prompt_ids) - reuse for r, reuse, _ in looked]):
+            group = looked[start:end]
+            outputs.append(
+                self.runner.prefill(
+                    first_slot + start,
+                    [request.prompt_ids[reuse:] for request, reuse, _ in group],
+                    [reuse for _, reuse, _ in group],
+                )
+            )
+        rows = [_Row(request, list(request.prompt_ids)) for request, _, _ in looked]
+        return rows, outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _emit(self, row: _Row, done: bool) -> None:
         if not done:
@@ -235,3 +249,22 @@ class BatchDecoder:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self._seen[: len(rows)].scatter_(1, ids[:, None], True)
         return self.runner.decode(ids, torch.tensor(positions, device=self.device))
+
+
+#: padding a group may carry, in tokens, before a longer row starts a new group
+_PAD_ALLOWANCE = 64
+
+
+def _length_groups(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """Split ascending `lengths` into `(start, end)` runs whose padding to their
+    longest row wastes at most about a quarter of their work (or 64 tokens)."""
+    groups: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for index, length in enumerate(lengths):
+        padded = (index - start + 1) * length
+        if index > start and padded - (total + length) > max(_PAD_ALLOWANCE, (total + length) // 4):
+            groups.append((start, index))
+            start, total = index, 0
+        total += length
+    groups.append((start, len(lengths)))
+    return groups
