@@ -4,6 +4,7 @@ loaded into a slot, a slot moved, and the int8 layers."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -92,4 +93,4 @@ def test_prefill_groups_rows_of_similar_length() -> None:
     lengths = [8] * 30 + [200, 210]
     assert _length_groups(lengths) == [(0, 30), (30, 32)]
     for groups in (_length_groups(lengths), _length_groups(list(range(1, 300, 7)))):
-        assert groups[0][0] == 0 and all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        assert groups[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(groups))
