@@ -132,3 +132,16 @@ def test_since_takes_a_date_or_a_number_of_days() -> None:
     assert parse_since("7d", now) == datetime(2025, 3, 3, 12, 0, tzinfo=UTC)
     assert parse_since("2025-03-01", now) == datetime(2025, 3, 1, tzinfo=UTC)
     assert parse_since(None, now) is None
+
+
+async def test_measure_overhead_reports_latencies(tmp_path: Path) -> None:
+    from bot.config import Config
+    from bot.knowledge.bench import measure_overhead, synthetic_faq
+    from bot.knowledge.faq import parse_faq
+
+    assert len(parse_faq(synthetic_faq(100).encode(), Path("x.toml")).entries) == 100
+    result = await measure_overhead(Config(), entries=6, users=3, rounds=2)
+    assert result["entries"] == 6 and result["users"] == 3
+    for key in ("alone_p50_ms", "alone_p95_ms", "batched_p50_ms", "batched_p95_ms"):
+        assert result[key] > 0
+    assert result["alone_p50_ms"] <= result["alone_p95_ms"]
