@@ -238,6 +238,17 @@ async def test_the_index_is_cached_and_rebuilt_when_the_file_changes(
     assert len(list((tmp_path / "data" / "knowledge").glob("faq-*.npz"))) == 2
 
 
+async def test_the_watcher_picks_up_a_change_without_a_restart(
+    knowledge: Any, faq_path: Path
+) -> None:
+    service = await knowledge(reload_interval_s=0.05)
+    text = faq_path.read_text().replace("within 30 days of delivery", "within 60 days of delivery")  # noqa: ASYNC240
+    await asyncio.to_thread(faq_path.write_text, text)
+    await asyncio.wait_for(service.rebuilt.wait(), timeout=120)  # a guard, not a timing
+    decision = await service.decide(ME, "How do I return an item?", None)
+    assert "within 60 days of delivery" in decision.text
+
+
 async def test_a_broken_edit_keeps_the_old_index(knowledge: Any, faq_path: Path) -> None:
     service = await knowledge()
     broken = faq_path.read_text() + '\n[[faq]]\nid = "returns"\n'  # noqa: ASYNC240

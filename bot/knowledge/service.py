@@ -89,8 +89,10 @@ class KnowledgeService:
         self._loaded: _Loaded | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._rebuild_lock = asyncio.Lock()
-        #: Index rebuilds after start (file changes picked up), for tests and logs.
+        #: Index rebuilds after start (file changes picked up), for tests and logs;
+        #: `rebuilt` is set after each (whoever waits on it clears it).
         self.rebuilds = 0
+        self.rebuilt = asyncio.Event()
 
     @classmethod
     def create(
@@ -200,6 +202,7 @@ class KnowledgeService:
                 return False
             self._loaded = await self._load(faq, signature)
             self.rebuilds += 1
+            self.rebuilt.set()
             log.info("FAQ %s changed: %d entries now", self.path, len(faq.entries))
             return True
 
@@ -210,7 +213,9 @@ class KnowledgeService:
         loaded = self._loaded
         if loaded is None:
             raise KnowledgeError("the knowledge base is not started")
-        vectors: Vectors = await self.embedder.embed([loaded.normalizer(t) for t in texts])
+        # typo lookups cost up to a few ms per unknown word: not on the event loop
+        cleaned = await asyncio.to_thread(lambda: [loaded.normalizer(text) for text in texts])
+        vectors: Vectors = await self.embedder.embed(cleaned)
         return rank(loaded.index, vectors)
 
     async def decide(
