@@ -19,6 +19,7 @@ from storage.base import DATABASE_ERRORS, StorageUnavailable, Transactions, guar
 from storage.conversations import Conversations
 from storage.database import create_engine, create_sqlite_sync_engine, migrate
 from storage.draws import Draws
+from storage.handoff import Handoffs
 from storage.instances import Instances
 from storage.knowledge import UnansweredQuestions
 from storage.people import People
@@ -37,6 +38,7 @@ class Store:
         self.draws = Draws(db)
         self.instances = Instances(db)
         self.unanswered = UnansweredQuestions(db)
+        self.handoff = Handoffs(db)
 
     @classmethod
     async def open(

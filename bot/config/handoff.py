@@ -24,6 +24,7 @@ DEFAULT_TRIGGERS = [
     "someone real",
 ]
 
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HOURS = re.compile(
     r"^\s*(?P<days>[A-Za-z]{3}(?:\s*-\s*[A-Za-z]{3})?(?:\s*,\s*[A-Za-z]{3}(?:\s*-\s*[A-Za-z]{3})?)*)"
     r"\s+(?P<open>\d{1,2}:\d{2})\s*-\s*(?P<close>\d{1,2}:\d{2})\s*$"
@@ -44,6 +45,8 @@ class HandoffSection(Section):
     operator_tokens_env: str = "AIGC_BOT_OPERATOR_TOKENS"
     #: POSTed a JSON notice when a conversation starts waiting; "" = none.
     notify_url: str = ""
+    #: Tries of that POST (exponential backoff between them) before it is dropped.
+    notify_attempts: Annotated[int, Field(ge=1, le=20)] = 6
     #: Also post that notice into this Telegram chat / Discord channel; "" = no.
     telegram_chat_id: str = ""
     discord_channel_id: str = ""
@@ -52,8 +55,18 @@ class HandoffSection(Section):
     @classmethod
     def _hours(cls, value: list[str]) -> list[str]:
         for entry in value:
-            if not _HOURS.match(entry):
+            match = _HOURS.match(entry)
+            if not match:
                 raise ValueError('must be like ["Mon-Fri 09:00-17:00", "Sat 10:00-14:00"]')
+            days = {day.lower() for day in re.findall(r"[A-Za-z]{3}", match["days"])}
+            if not days <= set(_DAYS):
+                raise ValueError("days must be Mon, Tue, Wed, Thu, Fri, Sat or Sun")
+            times = [match["open"], match["close"]]
+            for hours, minutes in (map(int, moment.split(":")) for moment in times):
+                if minutes > 59 or hours > 24 or (hours == 24 and minutes):
+                    raise ValueError(f"{entry!r}: times run from 00:00 to 24:00")
+            if match["open"] == match["close"]:
+                raise ValueError(f"{entry!r} opens and closes at the same time")
         return value
 
     @field_validator("timezone")
