@@ -19,6 +19,7 @@ from storage.base import DATABASE_ERRORS, StorageUnavailable, Transactions, guar
 from storage.conversations import Conversations
 from storage.database import create_engine, create_sqlite_sync_engine, migrate
 from storage.draws import Draws
+from storage.governance import GovernanceRecords
 from storage.handoff import Handoffs
 from storage.instances import Instances
 from storage.knowledge import UnansweredQuestions
@@ -38,6 +39,7 @@ class Store:
         self.draws = Draws(db)
         self.instances = Instances(db)
         self.unanswered = UnansweredQuestions(db)
+        self.governance = GovernanceRecords(db)
         self.handoff = Handoffs(db)
 
     @classmethod

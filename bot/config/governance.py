@@ -22,10 +22,29 @@ class AccessSection(Section):
     groups: Literal["all", "private", "listed"] = "all"
     #: What someone outside hears, once; "" = silence.
     refusal: str = "Sorry, I'm not available here."
+    #: What a banned person hears, once; "" = silence (the web API always answers 403).
+    banned_answer: str = "You can't use this bot."
 
     _lists = field_validator(
         "users_allow", "users_deny", "chats_allow", "chats_deny", mode="before"
     )(platform_ids)
+
+
+#: Labels that toxicity and offensive-language classifiers commonly use for what they flag.
+FLAGGED_LABELS = (
+    "toxic",
+    "toxicity",
+    "severe_toxic",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_hate",
+    "offensive",
+    "hate",
+    "abusive",
+    "nsfw",
+    "unsafe",
+)
 
 
 class ModerationSection(Section):
@@ -39,13 +58,24 @@ class ModerationSection(Section):
     classifier: str = ""
     #: Flag a text when the classifier's score for a flagged label reaches this.
     classifier_threshold: Annotated[float, Field(ge=0, le=1)] = 0.8
+    #: The classifier's labels that flag a text (any case); its other labels never do.
+    classifier_labels: list[str] = Field(default_factory=lambda: list(FLAGGED_LABELS))
+
+    @field_validator("blocked_terms", "classifier_labels")
+    @classmethod
+    def _no_blanks(cls, value: list[str]) -> list[str]:
+        if any(not entry.strip() for entry in value):
+            raise ValueError("must not contain empty entries")
+        return [entry.strip() for entry in value]
 
     @field_validator("blocked_patterns")
     @classmethod
     def _compiles(cls, value: list[str]) -> list[str]:
         for pattern in value:
             try:
-                re.compile(pattern)
+                compiled = re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"has a bad regular expression {pattern!r}: {exc}") from None
+            if compiled.search("") is not None:
+                raise ValueError(f"{pattern!r} matches the empty text, so it would block everything")
         return value

@@ -1,0 +1,116 @@
+"""What may be said: blocked terms and patterns, and an optional classifier.
+
+Texts are *folded* before matching — Unicode NFKD with combining marks and
+invisible format characters dropped, then case-folded — so "Café", "CAFE" and
+"ca\u200bfé" all read "cafe". Terms are whole words or phrases (any run of
+spaces between their words): "ass" blocks "ass" but not "class"; a pattern
+such as `idiot\\w*` covers a word's forms. Patterns are regular expressions
+searched in the folded text, case-insensitively, with their own accents
+dropped the same way (`café` in a pattern matches "CAFÉ" and "cafe").
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from bot.governance.errors import GovernanceError
+
+if TYPE_CHECKING:
+    from bot.config.governance import ModerationSection
+    from bot.governance.classifier import Classifier
+
+
+def _strip_marks(text: str) -> str:
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(
+        char
+        for char in decomposed
+        if not unicodedata.combining(char) and unicodedata.category(char) != "Cf"
+    )
+
+
+def fold(text: str) -> str:
+    """The form texts, terms and patterns are compared in: no accents, no
+    invisible characters, case-folded, compatibility forms decomposed."""
+    # Case folding can make marks of its own ("İ" folds to "i" + a combining
+    # dot), so they are stripped again after it.
+    return _strip_marks(_strip_marks(text).casefold())
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Why a text was blocked: `rule` is "term", "pattern" or "classifier"."""
+
+    rule: str
+    detail: str
+
+    def describe(self) -> str:
+        return f"{self.rule} {self.detail}"
+
+
+def _term_regex(term: str) -> str:
+    words = fold(term).split()
+    body = r"\s+".join(re.escape(word) for word in words)
+    start = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
+    end = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
+    return start + body + end
+
+
+class BlockList:
+    """`[moderation] blocked_terms` and `blocked_patterns`, compiled once."""
+
+    def __init__(self, terms: list[str], patterns: list[str]) -> None:
+        self.terms = [term for term in terms if fold(term).split()]
+        self._terms = (
+            re.compile(
+                "|".join(f"(?P<t{index}>{_term_regex(t)})" for index, t in enumerate(self.terms))
+            )
+            if self.terms
+            else None
+        )
+        self.patterns = list(patterns)
+        self._patterns: list[re.Pattern[str]] = []
+        for pattern in patterns:
+            try:
+                self._patterns.append(re.compile(_strip_marks(pattern), re.IGNORECASE))
+            except re.error as exc:
+                raise GovernanceError(
+                    f"moderation.blocked_patterns: {pattern!r} is not a valid expression "
+                    f"once its accents are dropped ({exc})"
+                ) from None
+
+    def __bool__(self) -> bool:
+        return bool(self.terms or self._patterns)
+
+    def check(self, text: str) -> Verdict | None:
+        folded = fold(text)
+        if self._terms is not None:
+            match = self._terms.search(folded)
+            if match is not None and match.lastgroup is not None:
+                return Verdict("term", f'"{self.terms[int(match.lastgroup[1:])]}"')
+        for source, pattern in zip(self.patterns, self._patterns, strict=True):
+            if pattern.search(folded):
+                return Verdict("pattern", f"/{source}/")
+        return None
+
+
+class Moderator:
+    """Checks a text against the block list, then the classifier (if any)."""
+
+    def __init__(self, section: ModerationSection, classifier: Classifier | None = None) -> None:
+        self.answer = section.blocked_answer
+        self.blocklist = BlockList(section.blocked_terms, section.blocked_patterns)
+        self.classifier = classifier
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.blocklist) or self.classifier is not None
+
+    async def check(self, text: str) -> Verdict | None:
+        verdict = self.blocklist.check(text)
+        if verdict is None and self.classifier is not None:
+            verdict = await self.classifier.check(text)
+        return verdict
