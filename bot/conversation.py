@@ -86,8 +86,9 @@ class Conversation:
                         handled_by=manager.instance_id,
                     )
                 if intake.duplicate:
-                    async for reply in self._earlier_answer(intake, ticket):
-                        yield reply
+                    if incoming.answer_duplicates:
+                        async for reply in self._earlier_answer(intake, ticket):
+                            yield reply
                     return
                 held = await self._held(incoming, intake, text)
                 if held is not None:

@@ -26,6 +26,10 @@ class Incoming:
     addressed: bool = True
     #: Telegram forum topic (or another platform's sub-thread) the message came from.
     thread_id: str = ""
+    #: A second copy of this message (same `message_id`) gets the first one's
+    #: answer again: a client's retry (web `Idempotency-Key`). Platforms that
+    #: redeliver after a crash leave it False: what was sent is not sent twice.
+    answer_duplicates: bool = False
 
     @property
     def address(self) -> Address:

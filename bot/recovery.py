@@ -1,10 +1,11 @@
 """Nothing accepted is lost: answering messages a dead process left unanswered.
 
 Every user message is committed, with the id of the process that owns its
-turn, before any work. Each process registers itself and sends a heartbeat;
-at start and then every `SWEEP_EVERY_S` it looks for messages whose turn never
-ended and whose process is gone (no heartbeat for `DEAD_AFTER`, which is
-every earlier run of a single process), takes each over with a compare-and-set
+turn, before any work. Each process registers itself (host and pid) and sends
+a heartbeat; at start and then every `SWEEP_EVERY_S` it looks for messages
+whose turn never ended and whose process is gone — no heartbeat for
+`DEAD_AFTER`, or on this host a pid that no longer runs (an earlier run
+killed a moment ago) — takes each over with a compare-and-set
 (so of several processes exactly one answers it), answers it through the
 normal turn — in order with the conversation's other messages — and pushes the
 answer to the user's platform. Messages older than `ANSWER_WITHIN` are not
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -98,7 +100,13 @@ class Recovery:
         if not pending:
             self.swept.set()
             return 0
-        alive = await self.store.instances.alive(now - DEAD_AFTER)
+        alive = {
+            instance
+            for instance, (host, pid) in (
+                await self.store.instances.alive(now - DEAD_AFTER)
+            ).items()
+            if host != self.host or _running(pid)
+        }
         alive.add(self.instance_id)
         taken = 0
         for turn in pending:
@@ -153,3 +161,16 @@ class Recovery:
         if final is not None:
             await self.delivery.push(message.conversation_id, final)
             self.recovered += 1
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is just not ours
+    return True

@@ -28,10 +28,14 @@ class Instances(Repository):
         await self.db.write(lambda session: session.execute(statement))
 
     @guarded
-    async def alive(self, since: datetime) -> set[str]:
-        """Ids of processes that sent a heartbeat after `since`."""
-        query = select(Instance.id).where(Instance.heartbeat_at > since)
-        return await self.db.read(lambda session: set(session.scalars(query)))
+    async def alive(self, since: datetime) -> dict[str, tuple[str, int]]:
+        """Processes that sent a heartbeat after `since`: id -> (host, pid)."""
+        query = select(Instance.id, Instance.host, Instance.pid).where(
+            Instance.heartbeat_at > since
+        )
+        return await self.db.read(
+            lambda session: {row.id: (row.host, row.pid) for row in session.execute(query)}
+        )
 
     @guarded
     async def remove(self, instance_id: str) -> None:

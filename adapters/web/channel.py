@@ -171,6 +171,7 @@ class WebChannel:
             user_name="web visitor",
             text=text,
             message_id=idempotency_key,
+            answer_duplicates=True,
         )
 
     @staticmethod

@@ -84,6 +84,8 @@ class FakeBotApi:
     webhook_secret: str | None = None
     allowed_updates: list[str] = field(default_factory=list)
     port: int = 0
+    #: The highest update id the bot has confirmed (asked past with `offset`).
+    confirmed: int = 0
 
     def __post_init__(self) -> None:
         self._updates: list[dict[str, Any]] = []
@@ -290,6 +292,7 @@ class FakeBotApi:
             self.allowed_updates = list(params["allowed_updates"])
         if offset:
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
+            self.confirmed = max(self.confirmed, offset - 1)
         await self._record(Call("getUpdates", params, time.monotonic()))
 
         def ready() -> bool:
