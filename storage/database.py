@@ -21,6 +21,7 @@ from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _MIGRATION_LOCK_ID = 0x41494743  # "AIGC"
+CONNECT_TIMEOUT_S = 5.0
 
 
 def create_engine(
@@ -36,7 +37,13 @@ def create_engine(
         # pre-ping: a connection that died with a database restart is replaced
         # instead of failing the next request.
         kwargs.update(
-            pool_pre_ping=True, pool_size=10, max_overflow=90, pool_timeout=pool_timeout_s
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=90,
+            pool_timeout=pool_timeout_s,
+            # a server that is down answers at once; one that is unreachable
+            # must not hold a request for asyncpg's default minute
+            connect_args={"timeout": CONNECT_TIMEOUT_S},
         )
     engine = create_async_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":

@@ -344,3 +344,21 @@ async def test_a_reply_that_cannot_be_stored_still_reaches_the_user(
     assert final_text(await replies(manager, message("still there?"))) == "echo: still there?"
     exported = await store.people.export("test", "ann")
     assert [m.text for m in exported[0].messages] == ["still there?"]
+
+
+async def test_a_reply_that_takes_longer_than_timeout_s_is_given_up(
+    make_config: Callable[..., Config], store: Store
+) -> None:
+    """The engine hangs: past `text.timeout_s` the user gets a notice, the
+    engine's stream is closed (so it drops the request) and the next message
+    is answered."""
+    config = make_config(text={"timeout_s": 0.2})
+    engine = ScriptedEngine()
+    engine.release = asyncio.Event()  # never set for the first message
+    manager = ConversationManager(config, store, engine)
+    collected = await replies(manager, message("are you stuck?"))
+    assert isinstance(collected[-1], Notice) and collected[-1].kind is NoticeKind.UNAVAILABLE
+    assert "too long" in collected[-1].text
+    assert engine.streams_closed == 1
+    engine.release.set()
+    assert final_text(await replies(manager, message("hello again"))) == "echo: hello again"
