@@ -193,7 +193,11 @@ class HandoffService:
     ) -> list[Reply]:
         """Stored, not answered: the consoles are told, the user is not (they
         were told once what happens next)."""
-        message = TranscriptEntry.now("user", safe_text(incoming.text), datetime.now(UTC))
+        text = safe_text(incoming.text).strip()
+        message = TranscriptEntry.now("user", text, datetime.now(UTC))
+        newest = await self.store.conversations.history(conversation_id, limit=1)
+        if newest and newest[-1].role == "user" and newest[-1].text == text:
+            message = TranscriptEntry.of(newest[-1])  # as stored: consoles match it up
         await self.switchboard.announce_message(conversation_id, message)
         return []
 
