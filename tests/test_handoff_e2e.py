@@ -401,3 +401,11 @@ async def test_cancel_gives_the_conversation_back_and_bad_requests_are_json(
         )
         assert status == 200 and body["conversation"]["state"] == "claimed"
         assert await say(http, base, visitor, "oh, a person") == []
+
+        # guessing tokens: after 20 bad ones an address waits, even with a good one
+        for _ in range(20):
+            status, _ = await call(http, "GET", ops + "/me", "guess")
+            assert status == 401
+        for token in ("guess", ANNA):
+            async with http.get(ops + "/me", headers=bearer(token)) as response:
+                assert response.status == 429 and int(response.headers["Retry-After"]) >= 1

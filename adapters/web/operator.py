@@ -99,9 +99,10 @@ class OperatorRoutes:
             return name
         wait = self._bad_tokens.acquire(address)
         if wait is not None:
-            self._blocked[address] = now + wait
             if len(self._blocked) > 10_000:
                 self._blocked = {k: v for k, v in self._blocked.items() if v > now}
+            self._blocked[address] = now + wait
+            return json_error(429, "too many bad operator tokens; wait", wait)
         response = json_error(401, "missing or unknown operator token")
         response.headers["WWW-Authenticate"] = 'Bearer realm="operator"'
         return response

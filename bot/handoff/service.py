@@ -138,7 +138,11 @@ class HandoffService:
         await self.notifier.start()
         await self.switchboard.refresh_waiting()
         self._watcher = asyncio.create_task(self._watch(), name="handoff-gauge")
-        await self._watching.wait()
+        subscribed = asyncio.ensure_future(self._watching.wait())
+        await asyncio.wait({subscribed, self._watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if self._watcher.done():  # it could not subscribe: say why
+            subscribed.cancel()
+            self._watcher.result()
 
     async def close(self) -> None:
         watcher, self._watcher = self._watcher, None
