@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from bot.knowledge.embedder import Embedder, Vectors
-from bot.knowledge.faq import FaqFile, KnowledgeError, load_faq
+from bot.knowledge.faq import FaqEntry, FaqFile, KnowledgeError, load_faq
 from bot.knowledge.index import FaqIndex, IndexCache, build_index
 from bot.knowledge.matching import Match, chosen_suggestion, rank, suggestion_text, suggestions
 from bot.knowledge.text import Normalizer
@@ -223,9 +223,9 @@ class KnowledgeService:
     ) -> KnowledgeDecision:
         """What to answer `text` with; `previous` is the source of the bot's
         last reply in this conversation (a suggestion can be chosen from)."""
-        index = self.index
-        offered = previous.ids if previous is not None and previous.kind == "suggestion" else ()
-        offered = tuple(entry_id for entry_id in offered if index.faq.entry(entry_id) is not None)
+        faq = self.index.faq  # this decision's entries, even if a rebuild swaps them
+        asked = previous.ids if previous is not None and previous.kind == "suggestion" else ()
+        offered = [entry for entry in map(faq.entry, asked) if entry is not None]
         if offered:
             pick = chosen_suggestion(text, len(offered))
             if pick is not None:
@@ -235,9 +235,10 @@ class KnowledgeService:
         (match,) = await self.match([text])
         settings = self.settings
         if match.score >= settings.answer_threshold:
-            return self._answer(match.best.id)
-        if offered and match.best.id in offered and match.score >= settings.suggest_threshold:
-            return self._answer(match.best.id)  # words close to an offered question
+            return self._answer(match.best)
+        close = match.score >= settings.suggest_threshold
+        if close and match.best.id in {entry.id for entry in offered}:
+            return self._answer(match.best)  # words close to an offered question
         if match.score >= settings.suggest_threshold:
             entries = suggestions(match, settings.suggest_threshold)
             self._count("suggested")
@@ -248,9 +249,7 @@ class KnowledgeService:
             )
         return await self._fallback(incoming, text, match)
 
-    def _answer(self, entry_id: str) -> KnowledgeDecision:
-        entry = self.index.faq.entry(entry_id)
-        assert entry is not None
+    def _answer(self, entry: FaqEntry) -> KnowledgeDecision:
         self._count("answered")
         return KnowledgeDecision("answer", entry.answer, Source("faq", id=entry.id))
 
