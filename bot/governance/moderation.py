@@ -35,6 +35,8 @@ def _strip_marks(text: str) -> str:
 def fold(text: str) -> str:
     """The form texts, terms and patterns are compared in: no accents, no
     invisible characters, case-folded, compatibility forms decomposed."""
+    if text.isascii():  # most texts: nothing to decompose, and casefold() is lower()
+        return text.lower()
     # Case folding can make marks of its own ("İ" folds to "i" + a combining
     # dot), so they are stripped again after it.
     return _strip_marks(_strip_marks(text).casefold())
@@ -51,26 +53,41 @@ class Verdict:
         return f"{self.rule} {self.detail}"
 
 
-def _term_regex(term: str) -> str:
-    words = fold(term).split()
-    body = r"\s+".join(re.escape(word) for word in words)
-    start = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
-    end = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
-    return start + body + end
+def _words(term: str) -> list[str]:
+    return fold(term).split()
+
+
+def _term_body(words: list[str]) -> str:
+    return r"\s+".join(re.escape(word) for word in words)
+
+
+def _bounded(words: list[str]) -> bool:
+    """Whether a term starts and ends with a word character (most do)."""
+    return bool(re.match(r"\w", words[0]) and re.search(r"\w$", words[-1]))
+
+
+def _terms_regex(terms: list[list[str]]) -> re.Pattern[str] | None:
+    """One expression for all terms. Terms that start and end with a word
+    character share one pair of word-boundary checks around a plain
+    alternation, which `re` searches far faster than one group per term."""
+    bounded = [_term_body(words) for words in terms if _bounded(words)]
+    others = []
+    for words in terms:
+        if not _bounded(words):
+            start = r"(?<!\w)" if re.match(r"\w", words[0]) else ""
+            end = r"(?!\w)" if re.search(r"\w$", words[-1]) else ""
+            others.append(start + _term_body(words) + end)
+    parts = ([r"(?<!\w)(?:" + "|".join(bounded) + r")(?!\w)"] if bounded else []) + others
+    return re.compile("|".join(parts)) if parts else None
 
 
 class BlockList:
     """`[moderation] blocked_terms` and `blocked_patterns`, compiled once."""
 
     def __init__(self, terms: list[str], patterns: list[str]) -> None:
-        self.terms = [term for term in terms if fold(term).split()]
-        self._terms = (
-            re.compile(
-                "|".join(f"(?P<t{index}>{_term_regex(t)})" for index, t in enumerate(self.terms))
-            )
-            if self.terms
-            else None
-        )
+        #: folded words (joined by one space) -> the term as configured
+        self.terms = {" ".join(_words(term)): term for term in terms if _words(term)}
+        self._terms = _terms_regex([key.split(" ") for key in self.terms])
         self.patterns = list(patterns)
         self._patterns: list[re.Pattern[str]] = []
         for pattern in patterns:
@@ -89,8 +106,9 @@ class BlockList:
         folded = fold(text)
         if self._terms is not None:
             match = self._terms.search(folded)
-            if match is not None and match.lastgroup is not None:
-                return Verdict("term", f'"{self.terms[int(match.lastgroup[1:])]}"')
+            if match is not None:
+                term = self.terms.get(" ".join(match.group(0).split()), match.group(0))
+                return Verdict("term", f'"{term}"')
         for source, pattern in zip(self.patterns, self._patterns, strict=True):
             if pattern.search(folded):
                 return Verdict("pattern", f"/{source}/")
