@@ -77,5 +77,5 @@ class ModerationSection(Section):
             except re.error as exc:
                 raise ValueError(f"has a bad regular expression {pattern!r}: {exc}") from None
             if compiled.search("") is not None:
-                raise ValueError(f"{pattern!r} matches the empty text, so it would block everything")
+                raise ValueError(f"{pattern!r} matches the empty text: it would block everything")
         return value
