@@ -18,7 +18,7 @@ User-facing copy is in `bot.texts`; errors that reach adapters are
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -49,7 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "aigc_bot.adapters"
 
-Handler = Callable[[Incoming], AsyncIterator[Reply]]
+Handler = Callable[[Incoming], AsyncGenerator[Reply, None]]
 
 
 class OutboundChannel(Protocol):

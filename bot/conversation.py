@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING
 
 from bot import texts
@@ -150,7 +150,7 @@ class Conversation:
         incoming: Incoming,
         text: str,
         ticket: Ticket,
-    ) -> AsyncIterator[Reply]:
+    ) -> AsyncGenerator[Reply, None]:
         """A committed message's turn: wait for the earlier ones (in this
         process and, on PostgreSQL, in others), answer, store the reply.
         However it ends, the turn is marked over before the next one starts."""

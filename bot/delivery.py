@@ -16,6 +16,7 @@ from bot.channels import OutboundChannel
 from bot.errors import Unavailable
 from bot.messages import Address, ConversationKey, Reply
 from bot.metrics import Metrics
+from bot.ordering import KeyedLocks
 from storage import StorageUnavailable, Store
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ class Delivery:
         self.store = store
         self.metrics = metrics
         self._outbound: dict[str, OutboundChannel] = {}
+        #: Pushes to one conversation leave in the order they were asked for,
+        #: although each first looks its address up.
+        self._order = KeyedLocks()
 
     def attach(self, outbound: OutboundChannel) -> None:
         """A channel's outbound half, available for pushes from now on."""
@@ -54,13 +58,14 @@ class Delivery:
         """Deliver `reply` to the conversation on its own platform. False (after
         logging why) when it cannot be: the conversation is gone, or its
         platform's channel is not running in this process."""
-        found = await self.address_of(conversation_id)
-        if found is None:
-            log.warning("push to conversation %s: it no longer exists", conversation_id)
-            self._count("?", "gone")
-            return False
-        key, address = found
-        return await self.push_to(key, address, reply)
+        async with self._order.hold(conversation_id):
+            found = await self.address_of(conversation_id)
+            if found is None:
+                log.warning("push to conversation %s: it no longer exists", conversation_id)
+                self._count("?", "gone")
+                return False
+            key, address = found
+            return await self.push_to(key, address, reply)
 
     async def push_to(self, key: ConversationKey, address: Address, reply: Reply) -> bool:
         outbound = self._outbound.get(address.platform)

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from bot import texts
 from bot.builtin_commands import register_builtin_commands
@@ -83,7 +83,7 @@ class ConversationManager:
 
     # -- entry point -------------------------------------------------------------
 
-    async def handle(self, incoming: Incoming) -> AsyncIterator[Reply]:
+    async def handle(self, incoming: Incoming) -> AsyncGenerator[Reply, None]:
         """Every reply to one incoming message, in order. Never raises for bad
         input or a failing dependency: the user gets a short notice instead."""
         if (

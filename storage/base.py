@@ -17,7 +17,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -47,6 +47,18 @@ def guarded(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             raise StorageUnavailable(type(exc).__name__) from exc
 
     return wrapper
+
+
+def rows_affected(result: Any) -> int:
+    """How many rows an UPDATE or DELETE touched."""
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def inserted_id(result: Any) -> int:
+    """The primary key of the row an INSERT made."""
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
 
 
 def iso(moment: datetime) -> str:

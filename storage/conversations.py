@@ -26,7 +26,15 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
-from storage.base import DATABASE_ERRORS, Repository, StorageUnavailable, guarded, iso
+from storage.base import (
+    DATABASE_ERRORS,
+    Repository,
+    StorageUnavailable,
+    guarded,
+    inserted_id,
+    iso,
+    rows_affected,
+)
 from storage.models import Conversation, Message, User, utcnow
 
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -186,10 +194,10 @@ _INSERT_DEDUPED = {
 def _insert_message(connection: Connection, statement: Any, **values: Any) -> StoredMessage | None:
     now = utcnow()
     result = connection.execute(statement, {"created_at": now, **values})
-    if not result.rowcount:
+    if not rows_affected(result):
         return None
     return StoredMessage(
-        int(result.inserted_primary_key[0]),
+        inserted_id(result),
         values["conversation_id"],
         values["role"],
         values["text"],
@@ -292,7 +300,7 @@ class Conversations(Repository):
                     _INSERT_CONVERSATION,
                     {**key, "active": True, "started_at": utcnow(), "address": address},
                 )
-                conversation_id, state = int(result.inserted_primary_key[0]), "bot"
+                conversation_id, state = inserted_id(result), "bot"
             else:
                 conversation_id, state = int(found.id), str(found.handoff_state)
                 if address is not None and found.address != address:
@@ -377,7 +385,7 @@ class Conversations(Repository):
 
         def work(session: Session) -> StoredMessage | None:
             connection = session.connection()
-            if not connection.execute(_FINISH_TURN, {"message_id": reply_to.id}).rowcount:
+            if not rows_affected(connection.execute(_FINISH_TURN, {"message_id": reply_to.id})):
                 return None
             return _insert_message(
                 connection,
@@ -495,7 +503,7 @@ class Conversations(Repository):
                 _INSERT_CONVERSATION,
                 {**key, "active": True, "started_at": utcnow(), "address": address},
             )
-            return int(result.inserted_primary_key[0]), "bot"
+            return inserted_id(result), "bot"
 
         return await self.db.write(work)
 
@@ -512,7 +520,7 @@ class Conversations(Repository):
             )
             .values(active=False)
         )
-        return await self.db.write(lambda session: bool(session.execute(statement).rowcount))
+        return await self.db.write(lambda session: bool(rows_affected(session.execute(statement))))
 
     @guarded
     async def pending_turns(self, *, since: datetime, limit: int = 500) -> list[PendingTurn]:
@@ -569,7 +577,7 @@ class Conversations(Repository):
             )
             .values(handled_by=instance)
         )
-        return await self.db.write(lambda session: bool(session.execute(statement).rowcount))
+        return await self.db.write(lambda session: bool(rows_affected(session.execute(statement))))
 
     @guarded
     async def expire_turns(self, *, before: datetime) -> int:
@@ -583,4 +591,4 @@ class Conversations(Repository):
             )
             .values(turn_done=True)
         )
-        return await self.db.write(lambda session: int(session.execute(statement).rowcount or 0))
+        return await self.db.write(lambda session: rows_affected(session.execute(statement)))

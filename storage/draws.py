@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from storage.base import Repository, guarded, iso
+from storage.base import Repository, guarded, iso, rows_affected
 from storage.models import Draw, utcnow
 
 
@@ -53,7 +53,7 @@ class Draws(Repository):
         if error is not None:
             values["error"] = error
         statement = update(Draw).where(Draw.public_id == public_id).values(**values)
-        return await self.db.write(lambda session: bool(session.execute(statement).rowcount))
+        return await self.db.write(lambda session: bool(rows_affected(session.execute(statement))))
 
     @guarded
     async def times_since(

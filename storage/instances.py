@@ -8,7 +8,7 @@ from datetime import datetime
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from storage.base import Repository, guarded
+from storage.base import Repository, guarded, rows_affected
 from storage.models import Instance, utcnow
 
 
@@ -49,6 +49,6 @@ class Instances(Repository):
 
         def work(session: Session) -> int:
             result = session.execute(delete(Instance).where(Instance.heartbeat_at < before))
-            return int(result.rowcount or 0)
+            return rows_affected(result)
 
         return await self.db.write(work)

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from storage.base import Repository, guarded, iso
+from storage.base import Repository, guarded, iso, rows_affected
 from storage.conversations import StoredMessage, turn_order
 from storage.models import Conversation, Draw, Message, UnansweredQuestion, User
 
@@ -113,7 +113,7 @@ class People(Repository):
             return ForgetResult(
                 messages=message_count or 0,
                 conversations=emptied,
-                draws=deleted_draws.rowcount or 0,
+                draws=rows_affected(deleted_draws),
                 image_paths=image_paths,
             )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, select
 
-from storage.base import Repository, guarded
+from storage.base import Repository, guarded, rows_affected
 from storage.models import WebSession
 
 
@@ -24,4 +24,4 @@ class WebSessions(Repository):
     @guarded
     async def delete_for_user(self, user_id: str) -> int:
         statement = delete(WebSession).where(WebSession.user_id == user_id)
-        return await self.db.write(lambda session: int(session.execute(statement).rowcount or 0))
+        return await self.db.write(lambda session: rows_affected(session.execute(statement)))

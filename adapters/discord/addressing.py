@@ -12,6 +12,7 @@ count as a mention.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import discord
@@ -87,6 +88,10 @@ def clean_text(
         text = text.replace(f"<@&{my_role_id}>", "")
     for user in message.mentions:
         if user.id != my_id:
-            name = "@" + user.display_name
-            text = re.sub(rf"<@!?{user.id}>", lambda _match, name=name: name, text)
+            # a function, so that a name with backslashes is not read as a template
+            text = re.sub(rf"<@!?{user.id}>", _literal("@" + user.display_name), text)
     return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def _literal(replacement: str) -> Callable[[re.Match[str]], str]:
+    return lambda _match: replacement

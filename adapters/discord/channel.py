@@ -166,7 +166,7 @@ class DiscordChannel:
             client = _ShardedClient(shard_count=shards, **options)
         else:
             client = _Client(**options)
-        client.channel = self  # type: ignore[attr-defined]
+        client.channel = self
         route_http(client.http, self.endpoints)
         return client
 

@@ -63,6 +63,7 @@ def _registry_command(
     """A slash command for one registry entry; free text after the name
     becomes one optional `text` option."""
     description = (spec.summary[:1].upper() + spec.summary[1:])[:100]
+    command: app_commands.Command[Any, Any, None]
     if spec.takes_args:
 
         async def with_text(interaction: discord.Interaction, text: str | None = None) -> None:
@@ -76,7 +77,11 @@ def _registry_command(
         async def plain(interaction: discord.Interaction) -> None:
             await run(interaction, f"/{spec.name}", spec.personal)
 
-        command = app_commands.Command(name=spec.name, description=description, callback=plain)
+        command = app_commands.Command(
+            name=spec.name,
+            description=description,
+            callback=plain,
+        )
     if spec.admin:
         command.default_permissions = discord.Permissions(manage_guild=True)
     return command

@@ -147,7 +147,8 @@ class DiscordOutbound(Outbound):
         if self.client is None:
             raise RuntimeError("the Discord client is not connected")
         channel_id = int(to.thread_id or to.chat_id)
-        channel = self.client.get_channel(channel_id)
-        if not isinstance(channel, discord.abc.Messageable):
-            channel = self.client.get_partial_messageable(channel_id)
-        return ChannelTarget(channel)
+        known = self.client.get_channel(channel_id)
+        if isinstance(known, discord.abc.Messageable):
+            return ChannelTarget(known)
+        # not in the cache (a DM nobody wrote in since the start): send by id
+        return ChannelTarget(self.client.get_partial_messageable(channel_id))

@@ -87,9 +87,9 @@ class RebasedWebhookAdapter(AsyncWebhookAdapter):
     """discord.py's webhook adapter with URLs moved to `endpoints.api_base`."""
 
     def __init__(self, endpoints: Endpoints) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.endpoints = endpoints
 
-    async def request(self, route: Route, session: aiohttp.ClientSession, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def request(self, route: Route, session: aiohttp.ClientSession, **kwargs: Any) -> Any:
         route.url = self.endpoints.rest(route.url)
         return await super().request(route, session, **kwargs)

@@ -20,7 +20,7 @@ import contextlib
 import hmac
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import ClassVar
 from urllib.parse import urlsplit
 
@@ -49,7 +49,7 @@ POLL_TIMEOUT_S = 30  # long-poll wait of one getUpdates call
 MAX_BACKOFF_S = 60.0
 
 
-async def _one(reply: Reply) -> AsyncIterator[Reply]:
+async def _one(reply: Reply) -> AsyncGenerator[Reply, None]:
     yield reply
 
 

@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -186,7 +186,9 @@ class WebChannel:
             )
         return "idem:" + key
 
-    async def _with_heartbeats(self, replies: AsyncIterator[Reply]) -> AsyncIterator[Reply | None]:
+    async def _with_heartbeats(
+        self, replies: AsyncIterator[Reply]
+    ) -> AsyncGenerator[Reply | None, None]:
         """The replies, with a None whenever none came for `heartbeat_s` seconds."""
         iterator = aiter(replies)
         step: asyncio.Future[Reply] | None = None
@@ -252,7 +254,7 @@ class WebChannel:
         return web.json_response({"replies": lasting})
 
     async def _stream(
-        self, request: web.Request, replies: AsyncIterator[Reply]
+        self, request: web.Request, replies: AsyncGenerator[Reply, None]
     ) -> web.StreamResponse:
         """Send each reply as an event; an error before the first event is a
         plain HTTP error, later ones are `error` events. Ends with `done`."""

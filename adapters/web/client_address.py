@@ -36,11 +36,11 @@ class ClientAddress:
         return any(ip in network for network in self.networks)
 
     def resolve(self, request: Any) -> str:
-        peer: str = request.remote or UNKNOWN
+        peer = str(request.remote or UNKNOWN)
         if not self.networks or not self.is_trusted(peer):
             return peer
-        hops = [
-            hop.strip()
+        hops: list[str] = [
+            str(hop).strip()
             for header in request.headers.getall("X-Forwarded-For", [])
             for hop in header.split(",")
             if hop.strip()
@@ -49,4 +49,4 @@ class ClientAddress:
             if not self.is_trusted(hop):
                 return hop
         # every hop is a trusted proxy: the leftmost is the nearest to the client
-        return hops[0] if hops else peer
+        return str(hops[0]) if hops else peer

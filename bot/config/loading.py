@@ -107,5 +107,5 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         first = exc.errors()[0]
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise ConfigError(_describe(first) + suffix) from None
+        raise ConfigError(_describe(dict(first)) + suffix) from None
     return config.with_source_dir(resolved.resolve().parent if resolved.exists() else Path.cwd())

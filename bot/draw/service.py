@@ -16,7 +16,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ class DrawService:
         self._count("draw_busy")
         return Notice(BUSY.format(waiting=self.engine.waiting), NoticeKind.BUSY, retry_after=60)
 
-    async def _follow(self, job: DrawJob, position: int, busy: bool) -> AsyncIterator[Reply]:
+    async def _follow(self, job: DrawJob, position: int, busy: bool) -> AsyncGenerator[Reply, None]:
         """The engine's events for one job, as replies."""
         ref = job.id
         settings = job.settings

@@ -16,7 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from bot.knowledge.embedder import Embedder, Vectors
 from bot.knowledge.faq import FaqEntry, FaqFile, KnowledgeError, load_faq
@@ -24,6 +24,7 @@ from bot.knowledge.index import FaqIndex, IndexCache, build_index
 from bot.knowledge.matching import Match, chosen_suggestion, rank, suggestion_text, suggestions
 from bot.knowledge.text import Normalizer
 from bot.messages import Incoming, Source
+from bot.ports import KnowledgeDecision
 
 if TYPE_CHECKING:
     from bot.config import Config
@@ -32,17 +33,6 @@ if TYPE_CHECKING:
     from storage import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class KnowledgeDecision:
-    kind: Literal["answer", "suggest", "fallback"]
-    #: The entry's answer verbatim, or the "Did you mean …?" text; "" for a fallback.
-    text: str = ""
-    #: Source("faq", id=...) | Source("suggestion", ids=(...)); None for a fallback.
-    source: Source | None = None
-    #: A fallback while `[knowledge] fallback = "human"`: offer a person.
-    escalate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +212,18 @@ class KnowledgeService:
         self, incoming: Incoming, text: str, previous: Source | None
     ) -> KnowledgeDecision:
         """What to answer `text` with; `previous` is the source of the bot's
-        last reply in this conversation (a suggestion can be chosen from)."""
+        last reply in this conversation (a suggestion can be chosen from).
+        Never raises for a knowledge base that cannot match now (its worker
+        stopped): the model answers instead."""
+        try:
+            return await self._decide(incoming, text, previous)
+        except KnowledgeError as exc:
+            log.warning("the knowledge base could not match a message: %s", exc)
+            return KnowledgeDecision("fallback")
+
+    async def _decide(
+        self, incoming: Incoming, text: str, previous: Source | None
+    ) -> KnowledgeDecision:
         faq = self.index.faq  # this decision's entries, even if a rebuild swaps them
         asked = previous.ids if previous is not None and previous.kind == "suggestion" else ()
         offered = [entry for entry in map(faq.entry, asked) if entry is not None]

@@ -381,15 +381,17 @@ def _load_pretrained(name: str, what: str) -> tuple[Any, Any]:
 
 def _positions(model: Any) -> int:
     config = model.config
-    return int(
-        getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 1024)
+    positions = getattr(config, "n_positions", None) or getattr(
+        config, "max_position_embeddings", 1024
     )
+    return int(positions or 1024)
 
 
 def _optimizer(model: Any, options: TrainOptions) -> Any:
     import torch
 
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

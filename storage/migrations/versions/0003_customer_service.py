@@ -14,6 +14,8 @@ Create Date: 2026-12-01 10:00:00.000000
 - web_sessions.last_seen_at goes: nothing ever updated it.
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -25,11 +27,11 @@ depends_on = None
 IdType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
-def _id() -> sa.Column:
+def _id() -> sa.Column[Any]:
     return sa.Column("id", IdType, autoincrement=True, nullable=False, primary_key=True)
 
 
-def _at(name: str = "at") -> sa.Column:
+def _at(name: str = "at") -> sa.Column[Any]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=False)
 
 
