@@ -164,10 +164,14 @@ async def test_the_classifier_flags_input_and_output_above_its_threshold(
     assert await say(manager, "you are so stupid") == ["No."]
     assert await say(manager, "what a lovely sunny day") == ["thanks friend"]
     assert await say(manager, "a great day") == ["No."]  # the model's reply is blocked
+    # Longer than the model can read (32 positions): cut, not failed.
+    assert await say(manager, " ".join(["what a lovely sunny day"] * 20)) == ["thanks friend"]
+    assert await say(manager, " ".join(["you are so stupid"] * 20)) == ["No."]
     entries = await service.records.entries(kind="moderation")
     assert [entry.detail.split(" toxic ")[0] for entry in entries] == [
         "input: classifier",
         "output: classifier",
+        "input: classifier",
     ]
 
 

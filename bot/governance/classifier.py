@@ -47,6 +47,7 @@ class Classifier:
         self.max_tokens = max_tokens
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="moderation-classifier")
         self._pipeline: Any = None
+        self._max_length = max_tokens
         self._queue: asyncio.Queue[tuple[str, asyncio.Future[Verdict | None]]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         #: Calls of the model (each scores a batch of texts), for tests and logs.
@@ -128,12 +129,19 @@ class Classifier:
                 "moderation.classifier_labels, so it would never flag anything: "
                 "list the labels that mean a text must be blocked"
             )
+        # Long texts are cut to what the model can read (some tokenizers say no limit).
+        limits = [
+            self.max_tokens,
+            getattr(classify.tokenizer, "model_max_length", self.max_tokens),
+            getattr(classify.model.config, "max_position_embeddings", self.max_tokens),
+        ]
+        self._max_length = min(int(limit) for limit in limits if limit)
         log.info("moderation classifier loaded from %s (labels: %s)", self.path, sorted(labels))
         return classify
 
     def _score(self, texts: list[str]) -> list[Verdict | None]:
         self.batches += 1
-        results = self._pipeline(texts, truncation=True, max_length=self.max_tokens)
+        results = self._pipeline(texts, truncation=True, max_length=self._max_length)
         verdicts: list[Verdict | None] = []
         for scores in results:
             flagged = [
