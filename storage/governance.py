@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from storage.base import Repository, aware, guarded, iso
+from storage.base import Repository, aware, guarded, iso, rows_affected
 from storage.models import AuditEntry, Ban, Conversation, Message, Mute, User, utcnow
 
 _messages: Table = Message.__table__  # type: ignore[assignment]
@@ -186,7 +186,7 @@ class GovernanceRecords(Repository):
         }
         statement = _INSERT_BAN[self.dialect]
         return await self.db.write(
-            lambda session: bool(session.connection().execute(statement, values).rowcount)
+            lambda session: bool(rows_affected(session.connection().execute(statement, values)))
         )
 
     @guarded
@@ -194,7 +194,7 @@ class GovernanceRecords(Repository):
         """Lift a ban; False when there was none."""
         statement = delete(_bans).where(_bans.c.platform == platform, _bans.c.user_id == user_id)
         return await self.db.write(
-            lambda session: bool(session.connection().execute(statement).rowcount)
+            lambda session: bool(rows_affected(session.connection().execute(statement)))
         )
 
     @guarded
@@ -203,7 +203,7 @@ class GovernanceRecords(Repository):
         banned person, every later caller stays silent."""
         params = {"b_platform": platform, "b_user_id": user_id}
         return await self.db.write(
-            lambda session: bool(session.connection().execute(_CLAIM_NOTICE, params).rowcount)
+            lambda session: bool(rows_affected(session.connection().execute(_CLAIM_NOTICE, params)))
         )
 
     # -- mutes -----------------------------------------------------------------------
