@@ -198,6 +198,26 @@ async def test_messages_not_addressed_to_the_bot_are_ignored(
         await store.close()
 
 
+async def test_a_keyword_addresses_the_bot_in_a_guild_channel(
+    fake: FakeDiscord, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serving(discord_config(make_config, fake, keywords=["bot,"]), monkeypatch):
+        await fake.user_message("robots are cool")
+        await fake.user_message("BOT, are you there?")
+        posts = await fake.wait_for(lambda: fake.posts(fake.channel_id))
+        await asyncio.sleep(0.3)  # what would be a second answer has had its chance
+        assert len(fake.posts(fake.channel_id)) == 1
+    from storage import Store
+
+    store = await Store.open(discord_config(make_config, fake).storage.url)
+    try:
+        [conversation] = await store.people.export("discord", fake.human["id"])
+    finally:
+        await store.close()
+    assert [m.text for m in conversation.messages if m.role == "user"] == ["are you there?"]
+    assert posts[0].json["content"].strip()
+
+
 async def test_a_reply_to_the_bots_message_is_answered_without_a_mention(
     fake: FakeDiscord, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:

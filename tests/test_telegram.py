@@ -271,6 +271,39 @@ async def test_group_answers_only_when_addressed_and_threads_the_reply(
     assert [role for role, _ in await stored_texts(config, 6)] == ["user", "bot"]
 
 
+async def test_group_keywords_address_the_bot_and_a_chat_can_share_one_history(
+    api: FakeBotApi, make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[telegram] keywords` make "bot, ..." a message for the bot (the
+    keyword is not part of what it hears, "botany" is not "bot"), and
+    `[bot] chat_history_scope` makes this group share one history while
+    others keep one per person."""
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", TOKEN)
+    engine = ScriptedEngine(lambda turns: f"heard {len(turns)}: {turns[-1]}")
+    config = make_config(
+        telegram={"enabled": True, "base_url": api.base_url, "keywords": ["bot,", "hey bot"]},
+        web={"enabled": False},
+        bot={"chat_history_scope": {f"telegram:{GROUP}": "chat"}},
+    )
+    async with BotApp(config, engine=engine) as app:
+        [channel] = app.build_channels()
+        await channel.start()
+        try:
+            api.group_message(GROUP, 5, "botany is fun")
+            api.group_message(GROUP, 5, "Bot, what time is it?")
+            await api.wait_until(lambda: len(api.texts(GROUP)) >= 1)
+            api.group_message(GROUP, 6, "hey bot and for me?")
+            await api.wait_until(lambda: len(api.texts(GROUP)) >= 2)
+            api.group_message(-100777, 5, "bot, another group")
+            api.group_message(-100777, 6, "bot, me too")
+            await api.wait_until(lambda: len(api.texts(-100777)) >= 2)
+            await api.settle(0.3)
+        finally:
+            await channel.stop()
+    assert api.texts(GROUP) == ["heard 1: what time is it?", "heard 3: and for me?"]
+    assert sorted(api.texts(-100777)) == ["heard 1: another group", "heard 1: me too"]
+
+
 # -- rendering ------------------------------------------------------------------------
 
 
