@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from bot.config import Config, config_path
 from bot.engines.loading import looks_local, model_missing_message
@@ -99,18 +101,94 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
     else:
         print(_line(None, "GPU", f"none, using the CPU (torch {torch.__version__})"))
 
-    for section in ("telegram", "discord"):
+    for section, check in (("telegram", _telegram_token), ("discord", _discord_token)):
         settings = getattr(config, section)
-        is_set = bool(os.environ.get(settings.token_env, "").strip())
-        state = "set" if is_set else "not set"
-        enabled = "enabled" if settings.enabled and is_set else "off"
-        print(
-            _line(
-                is_set or None,
-                f"{section} token",
-                f"${settings.token_env} {state} ({section} {enabled})",
-            )
+        token = os.environ.get(settings.token_env, "").strip()
+        if not token:
+            print(_line(None, f"{section} token", f"${settings.token_env} not set ({section} off)"))
+            continue
+        if not settings.enabled:
+            detail = f"${settings.token_env} set, but [{section}] enabled = false"
+            print(_line(None, f"{section} token", detail))
+            continue
+        ok, detail = await check(settings, token)
+        failures += 0 if ok else 1
+        print(_line(ok, f"{section} token", f"${settings.token_env} {detail}"))
+
+    if config.knowledge.faq:
+        from bot.knowledge import KnowledgeError, load_faq
+
+        path = config.relative_to_config(config.knowledge.faq)
+        try:
+            faq = load_faq(path)
+            print(_line(True, "knowledge", f"{path}: {len(faq.entries)} entries"))
+        except KnowledgeError as exc:
+            failures += 1
+            print(_line(False, "knowledge", str(exc)))
+
+    if config.handoff.enabled:
+        operators = _operator_names(config.handoff.operator_tokens_env)
+        detail = (
+            f"{len(operators)} operator(s) in ${config.handoff.operator_tokens_env}"
+            if operators
+            else f"${config.handoff.operator_tokens_env} not set: nobody can use /operator"
         )
+        print(_line(bool(operators) or None, "handoff", detail))
     web = config.web
     print(_line(None, "web", f"{'on' if web.enabled else 'off'}, http://{web.host}:{web.port}/"))
     return 1 if failures else 0
+
+
+_CHECK_TIMEOUT = 8.0
+
+
+async def _ask(url: str, headers: dict[str, str] | None = None) -> tuple[int | None, Any, str]:
+    """(status, JSON body or None, problem) of one GET; status None when unreachable."""
+    import aiohttp
+
+    try:
+        timeout = aiohttp.ClientTimeout(total=_CHECK_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(url, headers=headers) as response:
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    body = None
+                return response.status, body, ""
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return None, None, type(exc).__name__
+
+
+async def _telegram_token(settings: Any, token: str) -> tuple[bool, str]:
+    """Ask the Bot API who the token belongs to (getMe)."""
+    where = urlsplit(settings.base_url).netloc
+    status, body, problem = await _ask(f"{settings.base_url}{token}/getMe")
+    if status is None:
+        return False, f"set, but the Bot API at {where} cannot be reached ({problem})"
+    if status == 200 and isinstance(body, dict) and body.get("ok"):
+        return True, f"accepted by {where} (@{body['result'].get('username', '?')})"
+    if status in (401, 404):
+        return False, f"rejected by {where}: get a new token from @BotFather"
+    return False, f"set, but {where} answered {status}"
+
+
+async def _discord_token(settings: Any, token: str) -> tuple[bool, str]:
+    """Ask Discord who the token belongs to (GET /users/@me)."""
+    where = urlsplit(settings.api_base_url).netloc
+    status, body, problem = await _ask(
+        f"{settings.api_base_url}/users/@me", {"Authorization": f"Bot {token}"}
+    )
+    if status is None:
+        return False, f"set, but Discord at {where} cannot be reached ({problem})"
+    if status == 200 and isinstance(body, dict):
+        return True, f"accepted by {where} ({body.get('username', '?')})"
+    if status == 401:
+        return False, (
+            f"rejected by {where}: copy a fresh one from the Developer Portal (Bot > Reset Token)"
+        )
+    return False, f"set, but {where} answered {status}"
+
+
+def _operator_names(env_name: str) -> list[str]:
+    raw = os.environ.get(env_name, "")
+    return [pair.split(":", 1)[0].strip() for pair in raw.split(",") if ":" in pair]
