@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -97,6 +97,33 @@ class Transactions:
                 if in_memory
                 else ThreadPoolExecutor(2, thread_name_prefix="sqlite-reader")
             )
+
+    async def write_rows(self, work: Callable[[Connection], T]) -> T:
+        """`write` for Core statements on a plain connection: the message path,
+        which runs for every message, skips the ORM session's bookkeeping."""
+        if self._writer is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._writer, self._rows_in_transaction, work)
+        async with self.engine.begin() as connection:
+            return await connection.run_sync(work)
+
+    async def read_rows(self, work: Callable[[Connection], T]) -> T:
+        """`read` for Core statements on a plain connection."""
+        if self._readers is not None:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._readers, self._rows_in_connection, work)
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(work)
+
+    def _rows_in_transaction(self, work: Callable[[Connection], T]) -> T:
+        assert self.sync_engine is not None
+        with self.sync_engine.begin() as connection:
+            return work(connection)
+
+    def _rows_in_connection(self, work: Callable[[Connection], T]) -> T:
+        assert self.sync_engine is not None
+        with self.sync_engine.connect() as connection:
+            return work(connection)
 
     async def write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a write transaction, committed when it returns."""

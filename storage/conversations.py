@@ -24,7 +24,6 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.orm import Session
 
 from storage.base import (
     DATABASE_ERRORS,
@@ -288,8 +287,7 @@ class Conversations(Repository):
         }
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
 
-        def work(session: Session) -> Intake:
-            connection = session.connection()
+        def work(connection: Connection) -> Intake:
             if self.dialect == "postgresql":
                 # Serialise get-or-create of the active conversation across processes.
                 connection.execute(_XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
@@ -329,7 +327,7 @@ class Conversations(Repository):
                 earlier, duplicate=True, answered=bool(row.turn_done), handoff_state=state
             )
 
-        return await self.db.write(work)
+        return await self.db.write_rows(work)
 
     @asynccontextmanager
     async def turn_lock(self, platform: str, chat_id: str, owner: str) -> AsyncIterator[TurnLock]:
@@ -365,8 +363,8 @@ class Conversations(Repository):
     async def finish_turn(self, message: StoredMessage) -> None:
         """Mark a user message's turn over without a stored reply (it failed, was
         cancelled, or a person answers it), so later messages stop waiting."""
-        await self.db.write(
-            lambda session: session.connection().execute(_FINISH_TURN, {"message_id": message.id})
+        await self.db.write_rows(
+            lambda connection: connection.execute(_FINISH_TURN, {"message_id": message.id})
         )
 
     @guarded
@@ -383,8 +381,7 @@ class Conversations(Repository):
         """Store the reply to a user message, which ends its turn. None when the
         turn was over already (another process answered it): nothing is stored."""
 
-        def work(session: Session) -> StoredMessage | None:
-            connection = session.connection()
+        def work(connection: Connection) -> StoredMessage | None:
             if not rows_affected(connection.execute(_FINISH_TURN, {"message_id": reply_to.id})):
                 return None
             return _insert_message(
@@ -400,7 +397,7 @@ class Conversations(Repository):
                 tokens=tokens,
             )
 
-        return await self.db.write(work)
+        return await self.db.write_rows(work)
 
     @guarded
     async def add_operator_message(
@@ -408,9 +405,9 @@ class Conversations(Repository):
     ) -> StoredMessage:
         """Store what a person wrote into a conversation."""
 
-        def work(session: Session) -> StoredMessage:
+        def work(connection: Connection) -> StoredMessage:
             stored = _insert_message(
-                session.connection(),
+                connection,
                 _INSERT_MESSAGE,
                 conversation_id=conversation_id,
                 platform=platform,
@@ -424,18 +421,18 @@ class Conversations(Repository):
             assert stored is not None
             return stored
 
-        return await self.db.write(work)
+        return await self.db.write_rows(work)
 
     @guarded
     async def replies_to(self, message: StoredMessage) -> list[tuple[str, dict[str, Any] | None]]:
         """The stored replies (text, source) to one user message."""
         query = _REPLIES_TO
 
-        def work(session: Session) -> list[tuple[str, dict[str, Any] | None]]:
-            rows = session.connection().execute(query, {"message_id": message.id})
+        def work(connection: Connection) -> list[tuple[str, dict[str, Any] | None]]:
+            rows = connection.execute(query, {"message_id": message.id})
             return [(row.text, row.source) for row in rows]
 
-        return await self.db.read(work)
+        return await self.db.read_rows(work)
 
     @guarded
     async def history(
@@ -444,8 +441,8 @@ class Conversations(Repository):
         """The newest `limit` messages of a thread in turn order (each reply
         right after the message it answers), oldest first, all anchored before
         `before_id` when given."""
-        rows = await self.db.read(
-            lambda session: _history_rows(session.connection(), conversation_id, before_id, limit)
+        rows = await self.db.read_rows(
+            lambda connection: _history_rows(connection, conversation_id, before_id, limit)
         )
         return [StoredMessage(*row) for row in reversed(rows)]
 
@@ -455,14 +452,13 @@ class Conversations(Repository):
     ) -> list[StoredMessage]:
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
 
-        def work(session: Session) -> list[Any]:
-            connection = session.connection()
+        def work(connection: Connection) -> list[Any]:
             found = connection.execute(_ACTIVE_CONVERSATION, key).first()
             if found is None:
                 return []
             return _history_rows(connection, found.id, None, limit)
 
-        rows = await self.db.read(work)
+        rows = await self.db.read_rows(work)
         return [StoredMessage(*row) for row in reversed(rows)]
 
     @guarded
@@ -475,15 +471,15 @@ class Conversations(Repository):
             _conversations.c.address,
         ).where(_conversations.c.id == conversation_id)
 
-        def work(session: Session) -> ConversationPlace | None:
-            row = session.connection().execute(query).first()
+        def work(connection: Connection) -> ConversationPlace | None:
+            row = connection.execute(query).first()
             if row is None:
                 return None
             return ConversationPlace(
                 conversation_id, row.platform, row.chat_id, row.owner, dict(row.address or {})
             )
 
-        return await self.db.read(work)
+        return await self.db.read_rows(work)
 
     @guarded
     async def ensure_active(
@@ -492,8 +488,7 @@ class Conversations(Repository):
         """The active conversation's id and handoff state, created if there is none."""
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
 
-        def work(session: Session) -> tuple[int, str]:
-            connection = session.connection()
+        def work(connection: Connection) -> tuple[int, str]:
             if self.dialect == "postgresql":
                 connection.execute(_XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
             found = connection.execute(_ACTIVE_CONVERSATION, key).first()
@@ -505,7 +500,7 @@ class Conversations(Repository):
             )
             return inserted_id(result), "bot"
 
-        return await self.db.write(work)
+        return await self.db.write_rows(work)
 
     @guarded
     async def reset(self, platform: str, chat_id: str, owner: str) -> bool:
@@ -520,7 +515,9 @@ class Conversations(Repository):
             )
             .values(active=False)
         )
-        return await self.db.write(lambda session: bool(rows_affected(session.execute(statement))))
+        return await self.db.write_rows(
+            lambda connection: bool(rows_affected(connection.execute(statement)))
+        )
 
     @guarded
     async def pending_turns(self, *, since: datetime, limit: int = 500) -> list[PendingTurn]:
@@ -548,7 +545,7 @@ class Conversations(Repository):
             .limit(limit)
         )
 
-        def work(session: Session) -> list[PendingTurn]:
+        def work(connection: Connection) -> list[PendingTurn]:
             return [
                 PendingTurn(
                     StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at),
@@ -558,10 +555,10 @@ class Conversations(Repository):
                     user_id=row.user_id,
                     handled_by=row.handled_by,
                 )
-                for row in session.connection().execute(query)
+                for row in connection.execute(query)
             ]
 
-        return await self.db.read(work)
+        return await self.db.read_rows(work)
 
     @guarded
     async def take_over_turn(self, message_id: int, previous: str | None, instance: str) -> bool:
@@ -577,7 +574,9 @@ class Conversations(Repository):
             )
             .values(handled_by=instance)
         )
-        return await self.db.write(lambda session: bool(rows_affected(session.execute(statement))))
+        return await self.db.write_rows(
+            lambda connection: bool(rows_affected(connection.execute(statement)))
+        )
 
     @guarded
     async def expire_turns(self, *, before: datetime) -> int:
@@ -591,4 +590,6 @@ class Conversations(Repository):
             )
             .values(turn_done=True)
         )
-        return await self.db.write(lambda session: rows_affected(session.execute(statement)))
+        return await self.db.write_rows(
+            lambda connection: rows_affected(connection.execute(statement))
+        )
