@@ -2,7 +2,7 @@
 the manager, run the channels, and tear everything down in reverse.
 
     BotApp.__aenter__   store -> event bus -> text engine -> drawing ->
-                        knowledge -> handoff -> governance -> manager
+                        knowledge -> governance -> handoff -> manager
     serve()             channels start (one that cannot is logged, the others
                         serve) -> unanswered messages are answered -> wait for
                         SIGINT/SIGTERM -> finish replies in flight -> stop
@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.bus import EventBus, LocalBus, RedisBus
 from bot.channels import Channel, Services, channel_classes
@@ -32,6 +32,9 @@ from bot.ports import DrawPort, GovernancePort, HandoffPort, KnowledgePort
 from bot.recovery import Recovery
 from bot.web_services import WebServices
 from storage import StorageUnavailable, Store
+
+if TYPE_CHECKING:
+    from bot.handoff import HandoffService
 
 __all__ = ["BotApp", "StartupError", "chat", "serve"]
 
@@ -57,6 +60,7 @@ class BotApp:
         self.delivery: Delivery | None = None
         self.manager: ConversationManager | None = None
         self.channels: list[Channel] = []
+        self._handoff_service: HandoffService | None = None
 
     async def __aenter__(self) -> BotApp:
         try:
@@ -89,6 +93,8 @@ class BotApp:
         self._stack.push_async_callback(self.engine.close)
         self.drawer = await self._start_drawer()
         self.knowledge = await self._start_knowledge()
+        self.governance = await self._start_governance()
+        self.handoff = await self._start_handoff()
         self.manager = ConversationManager(
             config,
             self.store,
@@ -153,6 +159,34 @@ class BotApp:
         self._stack.push_async_callback(service.close)
         return service
 
+    async def _start_governance(self) -> GovernancePort:
+        from bot.governance import GovernanceError, GovernanceService
+
+        assert self.store is not None
+        service = GovernanceService.create(self.config, self.store, self.commands, self.metrics)
+        try:
+            await service.start()
+        except GovernanceError as exc:
+            raise StartupError(str(exc)) from exc
+        except StorageUnavailable as exc:
+            raise StartupError(f"storage.url: the database cannot be read ({exc})") from exc
+        self._stack.push_async_callback(service.close)
+        return service
+
+    async def _start_handoff(self) -> HandoffPort | None:
+        from bot.handoff import HandoffService
+
+        assert self.store is not None and self.delivery is not None
+        service = HandoffService.create(
+            self.config, self.store, self.delivery, self.bus, self.commands, self.metrics
+        )
+        if service is None:
+            return None
+        await service.start()
+        self._stack.push_async_callback(service.close)
+        self._handoff_service = service
+        return service
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -187,6 +221,7 @@ class BotApp:
             web=WebServices(self.store, self.health_problems),
             bus=self.bus,
             metrics=self.metrics,
+            operator_desk=self._handoff_service.desk if self._handoff_service else None,
         )
 
     def build_channels(self, *, only: str | None = None) -> list[Channel]:
