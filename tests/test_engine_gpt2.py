@@ -94,3 +94,18 @@ def test_prefill_groups_rows_of_similar_length() -> None:
     assert _length_groups(lengths) == [(0, 30), (30, 32)]
     for groups in (_length_groups(lengths), _length_groups(list(range(1, 300, 7)))):
         assert groups[0][0] == 0 and all(a[1] == b[0] for a, b in itertools.pairwise(groups))
+
+
+def test_bf16_linears_stay_close_to_fp32(tiny_model_dir: Path, model: Any) -> None:
+    from bot.engines.gpt2 import Bf16Conv1D, quantize_linears
+
+    fast = load_causal_lm(ModelSource(str(tiny_model_dir), "cpu"))[0]
+    assert quantize_linears(fast, "bf16") == 4 * model.config.n_layer
+    assert any(isinstance(module, Bf16Conv1D) for module in fast.modules())
+    ids = torch.randint(0, model.config.vocab_size, (20,)).tolist()
+    runner = Gpt2Runner(fast, slots=1, max_len=32, device=torch.device("cpu"))
+    with torch.inference_mode():
+        logits = runner.prefill(0, [ids], [0])[0]
+    expected = _reference(model, ids)[-1]
+    assert logits.dtype == torch.float32  # attention, cache and LM head stay fp32
+    assert (logits - expected).abs().max() < 0.02 * expected.abs().max()

@@ -99,7 +99,7 @@ class CTranslate2Peer:
         sampling: SamplingSettings,
         new_tokens: int,
     ) -> None:
-        import ctranslate2  # type: ignore[import-untyped]
+        import ctranslate2
 
         self.name = f"CTranslate2 {compute_type}"
         self.tokenizer = tokenizer
@@ -153,7 +153,7 @@ def ctranslate2_missing() -> str | None:
 
 def convert_for_ctranslate2(model_dir: str, output: Path, quantization: str) -> Path:
     """The model in CTranslate2's format, converted with its own converter."""
-    from ctranslate2.converters import TransformersConverter  # type: ignore[import-untyped]
+    from ctranslate2.converters import TransformersConverter
 
     TransformersConverter(model_dir).convert(str(output), quantization=quantization, force=True)
     return output
@@ -178,7 +178,7 @@ def build_peers(
     names = tuple(f"CTranslate2 {compute}" for compute in types)
     missing = ctranslate2_missing()
     if missing is None and device.type == "cuda":
-        import ctranslate2  # type: ignore[import-untyped]
+        import ctranslate2
 
         if ctranslate2.get_cuda_device_count() < 1:
             missing = "this ctranslate2 build sees no CUDA device"

@@ -87,12 +87,15 @@ def _int8_line(int8: dict[str, Any]) -> str:
         f"int8 on the CPU ({int8['users']} users, {int8['turns']} messages each): "
         f"{fp32['tokens_per_s']:.1f} -> {q['tokens_per_s']:.1f} tokens/s ({int8['speedup']:.2f}x)"
     )
+    if "bf16" in int8:
+        line += f"; bf16 linears {int8['bf16']['tokens_per_s']:.1f} ({int8['bf16_speedup']:.2f}x)"
     held = int8["heldout"]
     if "perplexity" not in fp32:
         return line + f"; perplexity not measured: {held['source']}"
+    bf16 = f", bf16 {int8['bf16']['perplexity']:.2f}" if "bf16" in int8 else ""
     return line + (
-        f"; held-out perplexity {fp32['perplexity']:.2f} -> {q['perplexity']:.2f} "
-        f"({int8['perplexity_change_pct']:+.1f}%; {held['dialogues']} dialogues, "
+        f"; held-out perplexity {fp32['perplexity']:.2f} -> {q['perplexity']:.2f}{bf16} "
+        f"({int8['perplexity_change_pct']:+.1f}% int8; {held['dialogues']} dialogues, "
         f"{held['tokens']:,} tokens, {held['source']})"
     )
 

@@ -245,7 +245,7 @@ async def _int8(
 
     users, turns = plan.int8_users, plan.int8_turns
     out: dict[str, Any] = {"device": "cpu", "users": users, "turns": turns}
-    for quantize, label in (("none", "fp32"), ("int8", "int8")):
+    for quantize, label in (("none", "fp32"), ("int8", "int8"), ("bf16", "bf16")):
         config = bench_config(
             base,
             model,
@@ -273,6 +273,7 @@ async def _int8(
                 out["heldout"] = {"source": source, "dialogues": len(heldout), "tokens": count}
             out[label] = row
     out["speedup"] = round(out["int8"]["tokens_per_s"] / out["fp32"]["tokens_per_s"], 2)
+    out["bf16_speedup"] = round(out["bf16"]["tokens_per_s"] / out["fp32"]["tokens_per_s"], 2)
     if heldout:
         change = out["int8"]["perplexity"] / out["fp32"]["perplexity"] - 1
         out["perplexity_change_pct"] = round(100 * change, 2)

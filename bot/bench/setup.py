@@ -68,7 +68,7 @@ class Progress:
     def __init__(self, enabled: bool, total: int) -> None:
         self.bar: Any = None
         if enabled:
-            from tqdm import tqdm  # type: ignore[import-untyped]
+            from tqdm import tqdm
 
             self.bar = tqdm(
                 total=total, unit="msg", file=sys.stderr, dynamic_ncols=True, mininterval=0.5

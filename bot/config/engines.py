@@ -13,7 +13,9 @@ class TextSection(Section):
     engine: Literal["local", "remote"] = "local"
     model: str = "models/chitchat-gpt2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    quantize: Literal["none", "int8"] = "none"
+    #: the linear layers on the CPU: "auto" = bf16 where the CPU multiplies it in
+    #: hardware (AMX), else fp32 ("none"); "int8"; "bf16"
+    quantize: Literal["auto", "none", "int8", "bf16"] = "auto"
     max_new_tokens: Annotated[int, Field(gt=0, le=1024)] = 48
     #: shortest reply in tokens: EOS is impossible before (the bench sets it to max_new_tokens)
     min_new_tokens: Annotated[int, Field(ge=0, le=1024)] = 0

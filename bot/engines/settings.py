@@ -35,8 +35,9 @@ class SamplingSettings:
 class LocalEngineSettings:
     model: ModelSource
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    #: "none" or "int8" (int8 weights with dynamic int8 activations, CPU only)
-    quantize: str = "none"
+    #: the linear layers on the CPU: "none" (fp32), "int8" (int8 weights and
+    #: dynamic int8 activations), "bf16", or "auto" (bf16 where the CPU has AMX)
+    quantize: str = "auto"
     max_history_tokens: int = 256
     #: torch CPU threads (0: torch's default)
     threads: int = 0

@@ -68,6 +68,7 @@ class LocalTextEngine:
         #: rows in each recent decode step (the decoder keeps running totals)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
         self.failures = 0  # batches that failed inside generation
+        self.quantized = "none"  # what text.quantize resolved to
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -183,7 +184,7 @@ class LocalTextEngine:
     def _load(self) -> None:
         import torch
 
-        from bot.engines.gpt2 import Gpt2Runner, quantize_int8, supports
+        from bot.engines.gpt2 import Gpt2Runner, bf16_is_fast, quantize_linears, supports
 
         s = self.settings
         # Denormal floats take a slow microcode path on x86: with them a decode
@@ -200,12 +201,16 @@ class LocalTextEngine:
                 "engine serves GPT-2-family models (GPT2LMHeadModel): use text.engine = "
                 "'remote' for others"
             )
-        if s.quantize == "int8" and self.device.type != "cpu":
+        quantize = s.quantize
+        if quantize == "auto":
+            quantize = "bf16" if self.device.type == "cpu" and bf16_is_fast() else "none"
+        if quantize != "none" and self.device.type != "cpu":
             raise EngineUnavailable(
-                "text.quantize = 'int8' works on the CPU only; set text.device = 'cpu'"
+                f"text.quantize = {quantize!r} works on the CPU only; set text.device = 'cpu'"
             )
-        if s.quantize == "int8":
-            quantize_int8(model)
+        if quantize != "none":
+            quantize_linears(model, quantize)
+        self.quantized = quantize
         self.model = model
         positions = model_positions(model)
         max_new = s.sampling.max_new_tokens
