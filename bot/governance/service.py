@@ -136,7 +136,11 @@ class GovernanceService:
         classifier; `StorageUnavailable` if the database can't be read."""
         await self.sanctions.start()
         if self.classifier is not None:
-            await self.classifier.start()
+            try:
+                await self.classifier.start()
+            except BaseException:
+                await self.close()  # nothing is left running when start fails
+                raise
 
     async def close(self) -> None:
         await self.sanctions.close()
