@@ -218,11 +218,14 @@ class BotApp:
             handle=self.manager.handle,
             commands=self.commands,
             delivery=self.delivery,
-            web=WebServices(self.store, self.health_problems),
+            web=WebServices(self.store, self.health_problems, self._web_banned),
             bus=self.bus,
             metrics=self.metrics,
             operator_desk=self._handoff_service.desk if self._handoff_service else None,
         )
+
+    def _web_banned(self, user_id: str) -> bool:
+        return self.governance is not None and self.governance.is_banned("web", user_id)
 
     def build_channels(self, *, only: str | None = None) -> list[Channel]:
         """Instantiate the channels `run` starts (or just the one named)."""

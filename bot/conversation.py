@@ -246,12 +246,12 @@ class Conversation:
                 raise EngineUnavailable("the engine ended without a reply")
         if not final_text.strip():
             final_text = self.config.text.fallback_reply
+        self._tokens[stored.id] = tokens  # generated, and counted, even if it is blocked
         if manager.governance is not None:
             blocked = await manager.governance.moderate(incoming, final_text, "output")
             if blocked is not None:
                 yield Text(blocked, source=MODEL)
                 return
-        self._tokens[stored.id] = tokens
         yield Text(final_text, source=MODEL)
 
     def _moderates(self) -> bool:

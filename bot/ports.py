@@ -84,6 +84,10 @@ class GovernancePort(Protocol):
 
     def is_admin(self, incoming: Incoming) -> bool: ...
 
+    def is_banned(self, platform: str, user_id: str) -> bool:
+        """From memory, no database round trip: for reads such as a history."""
+        ...
+
     async def admit(self, incoming: Incoming) -> Refusal | None:
         """Before any work: None to go on, else the refusal (bans, access lists,
         muted chats, flood control, quotas)."""

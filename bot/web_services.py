@@ -47,9 +47,19 @@ async def _guard(call: Awaitable[T]) -> T:
 
 
 class WebServices:
-    def __init__(self, store: Store, health_checks: Callable[[], Awaitable[list[str]]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        health_checks: Callable[[], Awaitable[list[str]]],
+        banned: Callable[[str], bool] = lambda user_id: False,
+    ) -> None:
         self._store = store
         self._health_checks = health_checks
+        self._banned = banned
+
+    def banned(self, user_id: str) -> bool:
+        """Whether this visitor is banned (from memory)."""
+        return self._banned(user_id)
 
     async def create_session(self, token_hash: str, user_id: str) -> None:
         await _guard(self._store.sessions.create(token_hash, user_id))

@@ -84,6 +84,7 @@ class Message(Base):
         Index("ix_messages_conversation", "conversation_id", "id"),
         Index("ix_messages_user", "platform", "user_id", "created_at"),
         Index("ix_messages_created", "created_at"),
+        Index("ix_messages_chat", "platform", "chat_id", "created_at"),
         Index("ix_messages_pending", "turn_done", "role"),
         Index("uq_messages_dedup_key", "dedup_key", unique=True),
     )

@@ -126,6 +126,9 @@ async def test_an_admin_bans_a_visitor_who_then_gets_403_on_every_request(serve:
             assert status == 403
             assert headers["Content-Type"].startswith("application/json")
             assert error_of(body) == "You can't use this bot."
+        for path in ("/api/messages", "/api/events"):  # nor read what is stored
+            async with web.http.get(path, headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 403 and error_of(await r.text()) == "You can't use this bot."
         assert await web.texts(other, "still here") == ["echo: still here"]
         [answer] = await web.texts(ADMIN_TOKEN, f"/unban web:{user_id}")
         assert answer.startswith("Unbanned")

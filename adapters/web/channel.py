@@ -278,6 +278,8 @@ class WebChannel:
         user_id = await self._session_user(request)
         if user_id is None:
             return json_error(401, _NO_SESSION)
+        if self.web.banned(user_id):
+            return json_error(403, self.config.access.banned_answer)
         history = await self.web.history(user_id, limit=500)
         return web.json_response({"messages": [entry.as_dict() for entry in history]})
 
@@ -286,6 +288,8 @@ class WebChannel:
         user_id = await self._session_user(request)
         if user_id is None:
             return json_error(401, _NO_SESSION)
+        if self.web.banned(user_id):
+            return json_error(403, self.config.access.banned_answer)
         return await self.pushes.stream(request, user_id, self.heartbeat_s)
 
     async def healthz(self, request: web.Request) -> web.Response:

@@ -152,6 +152,11 @@ class GovernanceService:
     def is_admin(self, incoming: Incoming) -> bool:
         return incoming.sender in self.admins
 
+    def is_banned(self, platform: str, user_id: str) -> bool:
+        return f"{platform}:{user_id}" not in self.admins and self.sanctions.banned(
+            platform, user_id
+        )
+
     async def admit(self, incoming: Incoming) -> Refusal | None:
         if incoming.sender in self.admins:
             return None

@@ -58,6 +58,7 @@ def upgrade() -> None:
         batch.drop_index("ix_messages_user")
         batch.create_index("ix_messages_user", ["platform", "user_id", "created_at"])
         batch.create_index("ix_messages_created", ["created_at"])
+        batch.create_index("ix_messages_chat", ["platform", "chat_id", "created_at"])
         batch.create_index("ix_messages_pending", ["turn_done", "role"])
         batch.create_index("uq_messages_dedup_key", ["dedup_key"], unique=True)
 
@@ -147,7 +148,12 @@ def downgrade() -> None:
     with op.batch_alter_table("web_sessions") as batch:
         batch.add_column(sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("messages") as batch:
-        for index in ("uq_messages_dedup_key", "ix_messages_pending", "ix_messages_created"):
+        for index in (
+            "uq_messages_dedup_key",
+            "ix_messages_pending",
+            "ix_messages_created",
+            "ix_messages_chat",
+        ):
             batch.drop_index(index)
         batch.drop_index("ix_messages_user")
         batch.create_index("ix_messages_user", ["platform", "user_id"])
