@@ -3,17 +3,15 @@ are listed, claimed, answered by an operator (a long answer split like any
 reply), released, and answered by the bot again, while a visitor who never
 asked stays with the bot; a second operator gets 409, bad tokens 401.
 
-The bot is the real one (BotApp: store, tiny model, manager; the web channel
-on a free port; Telegram against the fake Bot API). `handoff_bot` adds the
-handoff service the way bot/app.py does (or uses the one it built), and
-gives the channels `Services.operator_desk`.
+The bot is the real one (BotApp: store, tiny model, manager, the handoff
+service it builds when operator tokens are set; the web channel on a free
+port; Telegram against the fake Bot API).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +23,7 @@ import pytest
 from support.fakes.telegram_server import FakeBotApi
 
 from bot.app import BotApp
-from bot.channels import Channel, channel_classes
+from bot.channels import Channel
 from bot.config import Config
 from bot.handoff import HandoffService
 
@@ -48,32 +46,17 @@ class RunningBot:
 
 @asynccontextmanager
 async def handoff_bot(config: Config, engine: Any = None) -> AsyncIterator[RunningBot]:
-    """BotApp with handoff wired and its channels started (web, and Telegram
-    when enabled). Needs the operator tokens env var set."""
+    """BotApp (which builds the handoff service when operator tokens are set)
+    with the channels `aigc-bot run` starts: web, and Telegram when enabled."""
     async with BotApp(config, engine=engine) as app:
-        assert app.manager is not None and app.store is not None and app.delivery is not None
-        service = app.handoff if isinstance(app.handoff, HandoffService) else None
-        ours = service is None
-        if service is None:  # bot/app.py does not wire handoff yet: do what it will
-            service = HandoffService.create(
-                config, app.store, app.delivery, app.bus, app.commands, app.metrics
-            )
-            assert service is not None, "handoff is off: are the operator tokens set?"
-            await service.start()
-            app.handoff = app.manager.handoff = service
-        services = app.services
-        if services.operator_desk is None:
-            services = dataclasses.replace(services, operator_desk=service.desk)
+        assert isinstance(app.handoff, HandoffService), "handoff is off: are the tokens set?"
+        assert app.services.operator_desk is app.handoff.desk
         channels: list[Channel] = []
         try:
-            for _name, cls in sorted(channel_classes().items()):
-                if not cls.in_run:
-                    continue
-                channel = cls.create(services)
-                if channel is not None:
-                    await channel.start()
-                    channels.append(channel)
-            running = RunningBot(app, service, channels)
+            for channel in app.build_channels():
+                await channel.start()
+                channels.append(channel)
+            running = RunningBot(app, app.handoff, channels)
             web = next((c for c in channels if c.name == "web"), None)
             if web is not None:
                 running.url = f"http://127.0.0.1:{getattr(web, 'port', 0)}"
@@ -81,8 +64,6 @@ async def handoff_bot(config: Config, engine: Any = None) -> AsyncIterator[Runni
         finally:
             for channel in reversed(channels):
                 await channel.stop()
-            if ours:
-                await service.close()
 
 
 @dataclass

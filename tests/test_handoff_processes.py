@@ -5,18 +5,12 @@ visitor served by the other (PostgreSQL LISTEN/NOTIFY carries them), a reply
 posted to one reaches the visitor whose `GET /api/events` stream is open on
 the other, and two operators claiming at once, one on each process, get one
 200 and one 409.
-
-Until bot/app.py builds the handoff service itself, each process is this
-file run as a script: `serve` with the handoff wired the way bot/app.py
-will (see `handoff_bot` in test_handoff_e2e.py). Once it does, the test runs
-`aigc-bot run` itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -35,15 +29,6 @@ from test_handoff_e2e import (
     say,
 )
 
-import bot.app
-
-
-def app_wires_handoff() -> bool:
-    return "HandoffService" in inspect.getsource(bot.app)
-
-
-HERE = Path(__file__).resolve()
-
 
 def tail(log: Path, chars: int = 3000) -> str:
     return log.read_text()[-chars:]
@@ -51,11 +36,8 @@ def tail(log: Path, chars: int = 3000) -> str:
 
 @contextlib.asynccontextmanager
 async def bot_process(env: dict[str, str], port: int, log: Path) -> AsyncIterator[str]:
-    """One `aigc-bot run` (or the stand-in launcher) on `port`; its base URL once healthy."""
-    if app_wires_handoff():
-        command = [str(Path(sys.executable).parent / "aigc-bot"), "run"]
-    else:
-        command = [sys.executable, str(HERE), "serve"]
+    """One `aigc-bot run` on `port`; its base URL once healthy."""
+    command = [str(Path(sys.executable).parent / "aigc-bot"), "run"]
     env = {**env, "AIGC_BOT__WEB__PORT": str(port)}
     url = f"http://127.0.0.1:{port}"
     with log.open("wb") as output:
@@ -128,14 +110,12 @@ async def test_two_processes_share_conversations_events_and_replies(
                 call(http, "POST", one + path, ANNA), call(http, "POST", two + path, BEN)
             )
             assert sorted([status_a, status_b]) == [200, 409], (body_a, body_b)
-            winner, url, token = ("anna", one, ANNA) if status_a == 200 else ("ben", two, BEN)
-            other = two if url == one else one
+            winner, token = ("anna", ANNA) if status_a == 200 else ("ben", BEN)
             assert body_a["conversation"]["operator"] == winner
             assert body_b["conversation"]["operator"] == winner
 
-            # the winner answers through the *other* process than the visitor's stream
-            # is on... and through the same one: both reach the visitor
-            for base in (two, other):
+            # answers posted to either process reach the visitor, whose stream is on one
+            for base in (two, one):
                 text = f"Hello from {winner} via {base[-5:]}"
                 status, body = await call(
                     http, "POST", f"{base}/api/operator/conversations/{conversation}/messages",
@@ -150,28 +130,3 @@ async def test_two_processes_share_conversations_events_and_replies(
         output = tail(tmp_path / name / "run.log", chars=10**7)
         assert "Traceback" not in output, output[-3000:]
         assert ANNA not in output and BEN not in output  # operator tokens never logged
-
-
-# -- the stand-in for `aigc-bot run` until bot/app.py wires handoff --------------------------
-
-
-async def _serve() -> None:
-    from test_handoff_e2e import handoff_bot
-
-    from bot.config import load_config
-    from bot.logging_setup import setup_logging
-
-    config = load_config(None)
-    setup_logging("INFO")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with handoff_bot(config) as running:
-        assert running.app.manager is not None
-        await stop.wait()
-        await running.app.manager.close()
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
-    asyncio.run(_serve())
