@@ -287,7 +287,7 @@ class Conversation:
     async def finish_turn(self, stored: StoredMessage) -> bool:
         """End a turn that stored no reply, so later messages do not wait for it."""
         try:
-            await self.store.conversations.finish_turn(stored)
+            await self.store.turns.finish(stored)
         except StorageUnavailable as exc:
             log.warning("could not mark message %s's turn over: %s", stored.id, exc)
             return False

@@ -96,7 +96,7 @@ class Recovery:
     async def sweep(self) -> int:
         """Take over and answer every orphaned message; how many were taken."""
         now = datetime.now(UTC)
-        pending = await self.store.conversations.pending_turns(since=now - LOOK_BACK)
+        pending = await self.store.turns.pending(since=now - LOOK_BACK)
         if not pending:
             self.swept.set()
             return 0
@@ -112,7 +112,7 @@ class Recovery:
         for turn in pending:
             if turn.handled_by in alive:
                 continue
-            if not await self.store.conversations.take_over_turn(
+            if not await self.store.turns.take_over(
                 turn.message.id, turn.handled_by, self.instance_id
             ):
                 continue  # another process took it first

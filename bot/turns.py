@@ -57,7 +57,7 @@ async def conversation_turn(
 ) -> AsyncIterator[None]:
     """Hold the conversation's turn across processes; with `message`, also
     wait until every earlier message of its conversation has had its turn."""
-    async with store.conversations.turn_lock(platform, chat_id, owner) as lock:
+    async with store.turns.lock(platform, chat_id, owner) as lock:
         if message is not None:
             await wait_for_earlier_turns(lock, message)
         yield

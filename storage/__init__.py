@@ -5,15 +5,10 @@ end a turn, count draws with these statuses) and leaves policy to `bot`.
 """
 
 from storage.base import StorageUnavailable, aware, iso
-from storage.conversations import (
-    ConversationPlace,
-    Intake,
-    PendingTurn,
-    StoredMessage,
-    TurnLock,
-)
+from storage.conversations import ConversationPlace, Intake, StoredMessage
 from storage.people import ExportedConversation, ForgetResult, UserStats
 from storage.store import Store
+from storage.turns import PendingTurn, TurnLock
 
 __all__ = [
     "ConversationPlace",

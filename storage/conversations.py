@@ -1,19 +1,16 @@
-"""Conversations, their messages and turns: the aggregate every message touches.
+"""Conversations and their messages: the aggregate every message touches.
 
 A conversation is one thread of history for `(platform, chat_id, owner)`
 (`owner` = "" when a whole chat shares it); `/reset` closes it. A user
-message is committed with `turn_done = False` and its turn ends when a reply
-is stored or `finish_turn` is called. The message path runs for every message,
+message is committed with `turn_done = False`; storing its reply ends its
+turn (storage.turns has the rest of the turn's primitives). The message path runs for every message,
 so its statements are built once, on the Core tables, with bound parameters:
 SQLAlchemy then reuses their compiled form instead of rebuilding them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,12 +20,9 @@ from sqlalchemy import text as sql
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage.base import (
-    DATABASE_ERRORS,
     Repository,
-    StorageUnavailable,
     guarded,
     inserted_id,
     iso,
@@ -36,8 +30,8 @@ from storage.base import (
 )
 from storage.models import Conversation, Message, User, utcnow
 
-_messages: Table = Message.__table__  # type: ignore[assignment]
-_conversations: Table = Conversation.__table__  # type: ignore[assignment]
+messages_table: Table = Message.__table__  # type: ignore[assignment]
+conversations_table: Table = Conversation.__table__  # type: ignore[assignment]
 _users: Table = User.__table__  # type: ignore[assignment]
 
 
@@ -70,18 +64,6 @@ class Intake:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingTurn:
-    """A user message whose turn never ended (its process died, say)."""
-
-    message: StoredMessage
-    platform: str
-    chat_id: str
-    owner: str
-    user_id: str
-    handled_by: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class ConversationPlace:
     """Which conversation, and where its replies go on its platform."""
 
@@ -99,63 +81,52 @@ def lock_key(platform: str, chat_id: str, owner: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-_XACT_LOCK = sql("SELECT pg_advisory_xact_lock(:key)")
-_LOCK = sql("SELECT pg_advisory_lock(:key)")
-_UNLOCK = sql("SELECT pg_advisory_unlock(:key)")
-_FINISH_TURN = (
-    update(_messages)
-    .where(_messages.c.id == bindparam("message_id"), _messages.c.turn_done.is_(False))
+XACT_LOCK = sql("SELECT pg_advisory_xact_lock(:key)")
+FINISH_TURN = (
+    update(messages_table)
+    .where(messages_table.c.id == bindparam("message_id"), messages_table.c.turn_done.is_(False))
     .values(turn_done=True)
 )
-_EARLIER_TURN_PENDING = (
-    select(_messages.c.id)
-    .where(
-        _messages.c.conversation_id == bindparam("conversation_id"),
-        _messages.c.id < bindparam("message_id"),
-        _messages.c.role == "user",
-        _messages.c.turn_done.is_(False),
-        _messages.c.created_at > bindparam("since"),
-    )
-    .limit(1)
-)
-_INSERT_MESSAGE = insert(_messages)
-_INSERT_CONVERSATION = insert(_conversations)
+_INSERT_MESSAGE = insert(messages_table)
+_INSERT_CONVERSATION = insert(conversations_table)
 _ACTIVE_CONVERSATION = (
-    select(_conversations.c.id, _conversations.c.handoff_state, _conversations.c.address)
-    .where(
-        _conversations.c.platform == bindparam("platform"),
-        _conversations.c.chat_id == bindparam("chat_id"),
-        _conversations.c.owner == bindparam("owner"),
-        _conversations.c.active.is_(True),
+    select(
+        conversations_table.c.id, conversations_table.c.handoff_state, conversations_table.c.address
     )
-    .order_by(_conversations.c.id.desc())
+    .where(
+        conversations_table.c.platform == bindparam("platform"),
+        conversations_table.c.chat_id == bindparam("chat_id"),
+        conversations_table.c.owner == bindparam("owner"),
+        conversations_table.c.active.is_(True),
+    )
+    .order_by(conversations_table.c.id.desc())
     .limit(1)
 )
 _SET_ADDRESS = (
-    update(_conversations)
-    .where(_conversations.c.id == bindparam("conversation_id"))
+    update(conversations_table)
+    .where(conversations_table.c.id == bindparam("conversation_id"))
     .values(address=bindparam("address"))
 )
 _BY_DEDUP_KEY = select(
-    _messages.c.id,
-    _messages.c.conversation_id,
-    _messages.c.role,
-    _messages.c.text,
-    _messages.c.created_at,
-    _messages.c.turn_done,
-).where(_messages.c.dedup_key == bindparam("dedup_key"))
+    messages_table.c.id,
+    messages_table.c.conversation_id,
+    messages_table.c.role,
+    messages_table.c.text,
+    messages_table.c.created_at,
+    messages_table.c.turn_done,
+).where(messages_table.c.dedup_key == bindparam("dedup_key"))
 #: A reply sorts right after the message it answers.
-turn_order = func.coalesce(_messages.c.reply_to_id, _messages.c.id)
+turn_order = func.coalesce(messages_table.c.reply_to_id, messages_table.c.id)
 _HISTORY_COLUMNS = select(
-    _messages.c.id,
-    _messages.c.conversation_id,
-    _messages.c.role,
-    _messages.c.text,
-    _messages.c.created_at,
-    _messages.c.author,
-    _messages.c.source,
-).where(_messages.c.conversation_id == bindparam("conversation_id"))
-_HISTORY_ORDER = (turn_order.desc(), _messages.c.id.desc())
+    messages_table.c.id,
+    messages_table.c.conversation_id,
+    messages_table.c.role,
+    messages_table.c.text,
+    messages_table.c.created_at,
+    messages_table.c.author,
+    messages_table.c.source,
+).where(messages_table.c.conversation_id == bindparam("conversation_id"))
+_HISTORY_ORDER = (turn_order.desc(), messages_table.c.id.desc())
 _HISTORY = _HISTORY_COLUMNS.order_by(*_HISTORY_ORDER).limit(bindparam("limit"))
 _HISTORY_BEFORE = (
     _HISTORY_COLUMNS.where(turn_order < bindparam("before_id"))
@@ -163,9 +134,9 @@ _HISTORY_BEFORE = (
     .limit(bindparam("limit"))
 )
 _REPLIES_TO = (
-    select(_messages.c.text, _messages.c.source)
-    .where(_messages.c.reply_to_id == bindparam("message_id"))
-    .order_by(_messages.c.id)
+    select(messages_table.c.text, messages_table.c.source)
+    .where(messages_table.c.reply_to_id == bindparam("message_id"))
+    .order_by(messages_table.c.id)
 )
 
 
@@ -185,8 +156,10 @@ _UPSERT_USER = {
     "postgresql": _upsert_user_statement(postgresql_insert),
 }
 _INSERT_DEDUPED = {
-    "sqlite": sqlite_insert(_messages).on_conflict_do_nothing(index_elements=["dedup_key"]),
-    "postgresql": postgresql_insert(_messages).on_conflict_do_nothing(index_elements=["dedup_key"]),
+    "sqlite": sqlite_insert(messages_table).on_conflict_do_nothing(index_elements=["dedup_key"]),
+    "postgresql": postgresql_insert(messages_table).on_conflict_do_nothing(
+        index_elements=["dedup_key"]
+    ),
 }
 
 
@@ -213,48 +186,6 @@ def _history_rows(
     if before_id is None:
         return list(connection.execute(_HISTORY, params))
     return list(connection.execute(_HISTORY_BEFORE, {**params, "before_id": before_id}))
-
-
-class TurnLock:
-    """A conversation's turn held across processes. On PostgreSQL an advisory
-    lock on a dedicated connection; on SQLite (one process, whose in-memory
-    locks order the turns) it holds nothing."""
-
-    def __init__(self, connection: AsyncConnection | None, key: dict[str, int]) -> None:
-        self._connection = connection
-        self._key = key
-
-    async def earlier_turn_pending(self, message: StoredMessage, since: datetime) -> int | None:
-        """The id of an earlier user message of the conversation, newer than
-        `since`, whose turn is not over (another process may have committed it
-        yet asked for the lock later); None when there is none."""
-        if self._connection is None:
-            return None
-        try:
-            found = await self._connection.scalar(
-                _EARLIER_TURN_PENDING,
-                {
-                    "conversation_id": message.conversation_id,
-                    "message_id": message.id,
-                    "since": since,
-                },
-            )
-        except DATABASE_ERRORS as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
-        return int(found) if found is not None else None
-
-    async def make_way(self, seconds: float) -> None:
-        """Let another process take the turn for `seconds`, then take it back."""
-        if self._connection is None:
-            await asyncio.sleep(seconds)
-            return
-        try:
-            await self._connection.execute(_UNLOCK, self._key)
-            await self._connection.commit()
-            await asyncio.sleep(seconds)
-            await self._connection.execute(_LOCK, self._key)
-        except DATABASE_ERRORS as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
 
 
 class Conversations(Repository):
@@ -290,7 +221,7 @@ class Conversations(Repository):
         def work(connection: Connection) -> Intake:
             if self.dialect == "postgresql":
                 # Serialise get-or-create of the active conversation across processes.
-                connection.execute(_XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
+                connection.execute(XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
             connection.execute(upsert, user)
             found = connection.execute(_ACTIVE_CONVERSATION, key).first()
             if found is None:
@@ -329,44 +260,6 @@ class Conversations(Repository):
 
         return await self.db.write_rows(work)
 
-    @asynccontextmanager
-    async def turn_lock(self, platform: str, chat_id: str, owner: str) -> AsyncIterator[TurnLock]:
-        """Hold a conversation's turn across processes (see `TurnLock`)."""
-        key = {"key": lock_key(platform, chat_id, owner)}
-        if self.dialect != "postgresql":
-            yield TurnLock(None, key)
-            return
-        try:
-            connection = await self.db.engine.connect()
-        except DATABASE_ERRORS as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
-        try:
-            try:
-                await connection.execute(_LOCK, key)
-            except DATABASE_ERRORS as exc:
-                raise StorageUnavailable(type(exc).__name__) from exc
-            try:
-                yield TurnLock(connection, key)
-            finally:
-                try:
-                    await connection.execute(_UNLOCK, key)
-                    await connection.commit()
-                except DATABASE_ERRORS:
-                    pass  # the connection is gone, and with it the lock
-        finally:
-            try:
-                await connection.close()
-            except DATABASE_ERRORS:
-                pass
-
-    @guarded
-    async def finish_turn(self, message: StoredMessage) -> None:
-        """Mark a user message's turn over without a stored reply (it failed, was
-        cancelled, or a person answers it), so later messages stop waiting."""
-        await self.db.write_rows(
-            lambda connection: connection.execute(_FINISH_TURN, {"message_id": message.id})
-        )
-
     @guarded
     async def add_bot_message(
         self,
@@ -382,7 +275,7 @@ class Conversations(Repository):
         turn was over already (another process answered it): nothing is stored."""
 
         def work(connection: Connection) -> StoredMessage | None:
-            if not rows_affected(connection.execute(_FINISH_TURN, {"message_id": reply_to.id})):
+            if not rows_affected(connection.execute(FINISH_TURN, {"message_id": reply_to.id})):
                 return None
             return _insert_message(
                 connection,
@@ -465,11 +358,11 @@ class Conversations(Repository):
     async def locate(self, conversation_id: int) -> ConversationPlace | None:
         """A conversation's key and the address stored with it, or None if it is gone."""
         query = select(
-            _conversations.c.platform,
-            _conversations.c.chat_id,
-            _conversations.c.owner,
-            _conversations.c.address,
-        ).where(_conversations.c.id == conversation_id)
+            conversations_table.c.platform,
+            conversations_table.c.chat_id,
+            conversations_table.c.owner,
+            conversations_table.c.address,
+        ).where(conversations_table.c.id == conversation_id)
 
         def work(connection: Connection) -> ConversationPlace | None:
             row = connection.execute(query).first()
@@ -490,7 +383,7 @@ class Conversations(Repository):
 
         def work(connection: Connection) -> tuple[int, str]:
             if self.dialect == "postgresql":
-                connection.execute(_XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
+                connection.execute(XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
             found = connection.execute(_ACTIVE_CONVERSATION, key).first()
             if found is not None:
                 return int(found.id), str(found.handoff_state)
@@ -517,79 +410,4 @@ class Conversations(Repository):
         )
         return await self.db.write_rows(
             lambda connection: bool(rows_affected(connection.execute(statement)))
-        )
-
-    @guarded
-    async def pending_turns(self, *, since: datetime, limit: int = 500) -> list[PendingTurn]:
-        """User messages newer than `since` whose turn never ended, oldest first."""
-        query = (
-            select(
-                _messages.c.id,
-                _messages.c.conversation_id,
-                _messages.c.role,
-                _messages.c.text,
-                _messages.c.created_at,
-                _messages.c.user_id,
-                _messages.c.handled_by,
-                _conversations.c.platform,
-                _conversations.c.chat_id,
-                _conversations.c.owner,
-            )
-            .join(_conversations, _messages.c.conversation_id == _conversations.c.id)
-            .where(
-                _messages.c.turn_done.is_(False),
-                _messages.c.role == "user",
-                _messages.c.created_at > since,
-            )
-            .order_by(_messages.c.id)
-            .limit(limit)
-        )
-
-        def work(connection: Connection) -> list[PendingTurn]:
-            return [
-                PendingTurn(
-                    StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at),
-                    platform=row.platform,
-                    chat_id=row.chat_id,
-                    owner=row.owner,
-                    user_id=row.user_id,
-                    handled_by=row.handled_by,
-                )
-                for row in connection.execute(query)
-            ]
-
-        return await self.db.read_rows(work)
-
-    @guarded
-    async def take_over_turn(self, message_id: int, previous: str | None, instance: str) -> bool:
-        """Claim a pending turn from the process that owned it (compare and
-        set, so of several processes exactly one wins)."""
-        owner = _messages.c.handled_by
-        statement = (
-            update(_messages)
-            .where(
-                _messages.c.id == message_id,
-                _messages.c.turn_done.is_(False),
-                owner.is_(None) if previous is None else owner == previous,
-            )
-            .values(handled_by=instance)
-        )
-        return await self.db.write_rows(
-            lambda connection: bool(rows_affected(connection.execute(statement)))
-        )
-
-    @guarded
-    async def expire_turns(self, *, before: datetime) -> int:
-        """End the turns of user messages older than `before` that never got one."""
-        statement = (
-            update(_messages)
-            .where(
-                _messages.c.turn_done.is_(False),
-                _messages.c.role == "user",
-                _messages.c.created_at <= before,
-            )
-            .values(turn_done=True)
-        )
-        return await self.db.write_rows(
-            lambda connection: rows_affected(connection.execute(statement))
         )

@@ -1,6 +1,7 @@
 """`Store`: the one entry point to persistence, one repository per aggregate.
 
-    store.conversations   conversations, messages and turns (storage.conversations)
+    store.conversations   conversations and their messages (storage.conversations)
+    store.turns           each user message's turn: lock, end, take over (storage.turns)
     store.people          users: stats, export, forget (storage.people)
     store.sessions        web-widget sessions (storage.sessions)
     store.draws           /draw records (storage.draws)
@@ -25,6 +26,7 @@ from storage.instances import Instances
 from storage.knowledge import UnansweredQuestions
 from storage.people import People
 from storage.sessions import WebSessions
+from storage.turns import Turns
 
 #: A write that changes nothing, but needs SQLite's write lock to run.
 _WRITE_PROBE = text("UPDATE alembic_version SET version_num = version_num WHERE 0")
@@ -37,6 +39,7 @@ class Store:
         self.db = db
         self.engine = db.engine
         self.conversations = Conversations(db)
+        self.turns = Turns(db)
         self.people = People(db)
         self.sessions = WebSessions(db)
         self.draws = Draws(db)

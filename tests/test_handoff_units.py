@@ -167,7 +167,7 @@ async def user_says(store: Store, user: str, text: str) -> int:
         platform="web", chat_id=user, owner=user, user_id=user, user_name="Visitor " + user,
         text=text,
     )  # fmt: skip
-    await store.conversations.finish_turn(intake.message)
+    await store.turns.finish(intake.message)
     return intake.message.conversation_id
 
 

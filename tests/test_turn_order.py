@@ -20,7 +20,7 @@ from storage import Store
 def slow_to_lock(store: Store) -> Store:
     """A process that is slow to ask for the conversation's lock (a new pool
     connection, a busy event loop) after committing its message."""
-    turn_lock = store.conversations.turn_lock
+    turn_lock = store.turns.lock
 
     @contextlib.asynccontextmanager
     async def slow(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
@@ -28,7 +28,7 @@ def slow_to_lock(store: Store) -> Store:
         async with turn_lock(*args, **kwargs) as lock:
             yield lock
 
-    store.conversations.turn_lock = slow  # type: ignore[method-assign]
+    store.turns.lock = slow  # type: ignore[method-assign]
     return store
 
 
@@ -93,7 +93,7 @@ async def test_a_reply_or_a_failure_ends_the_turn(db_url: str) -> None:
         await store.conversations.add_bot_message(
             reply_to=answered, platform="test", user_id="ann", text="hey"
         )
-        await store.conversations.finish_turn(failed)
+        await store.turns.finish(failed)
         assert await _turn_done(store, answered.id) and await _turn_done(store, failed.id)
     finally:
         await store.close()
