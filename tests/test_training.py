@@ -18,6 +18,7 @@ from bot.engines.prompt import encode_dialogue
 from bot.testing.tiny_models import sample_lines
 from bot.training import data as data_mod
 from bot.training import trainer as trainer_mod
+from bot.training.pieces import load_pretrained
 from bot.training.trainer import TrainOptions, train
 
 TINY = {
@@ -181,7 +182,7 @@ def test_a_missing_file_and_a_missing_base_are_named(
     assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path / "nope.jsonl")]) != 0
     assert "nope.jsonl" in capsys.readouterr().err
     with pytest.raises(EngineUnavailable, match="--base"):
-        trainer_mod._load_pretrained(str(tmp_path / "no-such-model"), "--base")
+        load_pretrained(str(tmp_path / "no-such-model"), "--base")
 
 
 def test_an_unreachable_hub_base_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +191,7 @@ def test_an_unreachable_hub_base_names_the_option(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(EngineUnavailable, match=r"--base 'someone/not-cached-model'.*hub"):
-        trainer_mod._load_pretrained("someone/not-cached-model", "--base")
+        load_pretrained("someone/not-cached-model", "--base")
 
 
 def test_fine_tune_from_a_base_keeps_its_tokenizer(

@@ -198,7 +198,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bot.engines.loading import resolve_device
     from bot.training import data as data_mod
     from bot.training.evaluate import dialogue_nll, perplexity
-    from bot.training.trainer import _load_pretrained, _positions
+    from bot.training.pieces import load_pretrained, positions
 
     dialogues = data_mod.load_dialogues(args.data)
     if args.data == data_mod.CHITCHAT:
@@ -213,9 +213,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         what = f"{args.data} ({len(dialogues)} dialogues)"
     device = resolve_device(args.device)
-    model, tokenizer = _load_pretrained(args.model, "--model")
+    model, tokenizer = load_pretrained(args.model, "--model")
     model.to(device)
-    block = min(args.block_size or _positions(model), _positions(model))
+    block = min(args.block_size or positions(model), positions(model))
     examples = data_mod.encode_dialogues(
         tokenizer, dialogues, block, bot_only=args.loss_on == "bot"
     )

@@ -12,11 +12,9 @@ Output layout (`--output DIR`):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shlex
 import shutil
 import signal
 import sys
@@ -28,6 +26,17 @@ from typing import Any
 from bot.engines import EngineUnavailable
 from bot.training import data as data_mod
 from bot.training.evaluate import _autocast, dialogue_nll, perplexity
+from bot.training.pieces import (
+    Schedule,
+    load_pretrained,
+    make_optimizer,
+    new_model,
+    positions,
+    progress_bar,
+    save_model,
+    train_tokenizer,
+    write_summary,
+)
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
@@ -113,18 +122,18 @@ def _train(options: TrainOptions, say: Any) -> TrainResult:
     torch.manual_seed(options.seed)
     if resume:
         say(f"resuming from {checkpoint_dir} (pass --fresh to start over)")
-        model, tokenizer = _load_pretrained(str(checkpoint_dir), "checkpoint")
+        model, tokenizer = load_pretrained(str(checkpoint_dir), "checkpoint")
         state = torch.load(checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
     else:
         if options.fresh and checkpoint_dir.exists():
             shutil.rmtree(checkpoint_dir)
         state = None
         if options.base:
-            model, tokenizer = _load_pretrained(options.base, "--base")
+            model, tokenizer = load_pretrained(options.base, "--base")
         else:
-            tokenizer = _train_tokenizer(train_dialogues, options)
-            model = _new_model(tokenizer, options)
-    block_size = min(options.block_size, _positions(model))
+            tokenizer = train_tokenizer(train_dialogues, options)
+            model = new_model(tokenizer, options)
+    block_size = min(options.block_size, positions(model))
     model.to(device)
     model.train()
 
@@ -146,8 +155,8 @@ def _train(options: TrainOptions, say: Any) -> TrainResult:
         f"{steps_per_epoch} steps/epoch, {total_steps} steps on {device}"
     )
 
-    optimizer = _optimizer(model, options)
-    schedule = _Schedule(optimizer, options, total_steps)
+    optimizer = make_optimizer(model, options)
+    schedule = Schedule(optimizer, options, total_steps)
     scaler = None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         scaler = torch.amp.GradScaler("cuda")
@@ -171,7 +180,7 @@ def _train(options: TrainOptions, say: Any) -> TrainResult:
     start = time.monotonic()
     last_checkpoint = start
     pad_id = tokenizer.eos_token_id
-    progress = _progress(options.progress, total_steps, step)
+    progress = progress_bar(options.progress, total_steps, step)
     ema = losses[-1] if losses else None
     window_tokens, window_start = 0, time.monotonic()
     interrupted = False
@@ -215,7 +224,7 @@ def _train(options: TrainOptions, say: Any) -> TrainResult:
         improved = val_loss < best_val
         if improved:
             best_val = val_loss
-            _save_model(model, tokenizer, output)
+            save_model(model, tokenizer, output)
         progress.write(
             f"step {step}: held-out loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}"
             + (" (best, saved)" if improved else "")
@@ -291,7 +300,7 @@ def _train(options: TrainOptions, say: Any) -> TrainResult:
         if not options.eval_every or step % options.eval_every != 0:
             evaluate_and_keep_best()
         if not val_examples:
-            _save_model(model, tokenizer, output)
+            save_model(model, tokenizer, output)
         save_checkpoint()
     seconds = elapsed()
     result = TrainResult(
@@ -305,7 +314,7 @@ def _train(options: TrainOptions, say: Any) -> TrainResult:
         losses=losses,
         interrupted=interrupted,
     )
-    _write_summary(
+    write_summary(
         output,
         options,
         result,
@@ -331,161 +340,3 @@ def _sigterm_as_interrupt() -> Any:
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, handler)
-
-
-def _train_tokenizer(dialogues: list[list[str]], options: TrainOptions) -> Any:
-    from bot.training.tokenizer import train_tokenizer
-
-    return train_tokenizer(dialogues, options.vocab_size, options.block_size)
-
-
-def _new_model(tokenizer: Any, options: TrainOptions) -> Any:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if options.n_embd % options.n_head:
-        raise EngineUnavailable(
-            f"--n-embd {options.n_embd} must be a multiple of --n-head {options.n_head}"
-        )
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_positions=options.block_size,
-        n_embd=options.n_embd,
-        n_layer=options.n_layer,
-        n_head=options.n_head,
-        resid_pdrop=options.dropout,
-        embd_pdrop=options.dropout,
-        attn_pdrop=options.dropout,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id,
-    )
-    return GPT2LMHeadModel(config)
-
-
-def _load_pretrained(name: str, what: str) -> tuple[Any, Any]:
-    """Model and tokenizer from a directory or a hub id (the engines' loader);
-    errors name `what`."""
-    from bot.engines.loading import load_pretrained_lm, looks_local
-
-    if looks_local(name):
-        missing = f"{what} {name!r} does not exist: pass a model directory or a hub id"
-    else:
-        missing = (
-            f"{what} {name!r} could not be loaded from the Hugging Face hub (no network?): "
-            f"pass {what} a local model directory"
-        )
-    return load_pretrained_lm(
-        name, missing=missing, invalid=f"{what} {name!r} is not a loadable model"
-    )
-
-
-def _positions(model: Any) -> int:
-    config = model.config
-    positions = getattr(config, "n_positions", None) or getattr(
-        config, "max_position_embeddings", 1024
-    )
-    return int(positions or 1024)
-
-
-def _optimizer(model: Any, options: TrainOptions) -> Any:
-    import torch
-
-    decay: list[Any] = []
-    no_decay: list[Any] = []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if param.dim() >= 2 and "wpe" not in name else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": options.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=options.lr, betas=(0.9, 0.98), eps=1e-8)
-
-
-class _Schedule:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak.
-
-    Progress is the larger of steps done / planned steps and, with
-    `--max-minutes`, training time / time limit, so a time-limited run still
-    ends at the low learning rate whatever the machine's speed."""
-
-    def __init__(self, optimizer: Any, options: TrainOptions, total_steps: int) -> None:
-        self.optimizer = optimizer
-        self.peak = options.lr
-        self.min_ratio = options.min_lr_ratio
-        self.total = total_steps
-        self.seconds = options.max_minutes * 60
-        self.warmup = min(options.warmup_steps, max(1, total_steps // 10))
-        self.last = self.peak
-
-    def set(self, step: int, elapsed: float) -> float:
-        if step < self.warmup:
-            factor = (step + 1) / self.warmup
-        else:
-            progress = (step - self.warmup) / max(1, self.total - self.warmup)
-            if self.seconds:
-                progress = max(progress, elapsed / self.seconds)
-            progress = min(1.0, progress)
-            factor = self.min_ratio + (1 - self.min_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-        self.last = self.peak * factor
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.last
-        return self.last
-
-
-def _save_model(model: Any, tokenizer: Any, output: Path) -> None:
-    model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-
-
-def _progress(enabled: bool, total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=initial,
-        disable=not enabled,
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=2.0,
-    )
-
-
-def _write_summary(
-    output: Path,
-    options: TrainOptions,
-    result: TrainResult,
-    model: Any,
-    tokenizer: Any,
-    block_size: int,
-    n_train: int,
-    n_val: int,
-    n_tokens: int,
-    device: Any,
-) -> None:
-    summary = {
-        "command": shlex.join(options.command) if options.command else None,
-        "options": {k: v for k, v in asdict(options).items() if k != "command"},
-        "parameters": result.parameters,
-        "layers": model.config.n_layer,
-        "embedding": model.config.n_embd,
-        "heads": model.config.n_head,
-        "vocab_size": len(tokenizer),
-        "context": block_size,
-        "train_dialogues": n_train,
-        "heldout_dialogues": n_val,
-        "train_tokens_per_epoch": n_tokens,
-        "steps": result.step,
-        "wall_seconds": round(result.seconds, 1),
-        "device": str(device),
-        "final_train_loss_ema": round(result.train_loss, 4),
-        "best_heldout_loss": None if result.val_loss is None else round(result.val_loss, 4),
-        "best_heldout_perplexity": None
-        if result.val_loss is None
-        else round(math.exp(result.val_loss), 2),
-        "interrupted": result.interrupted,
-    }
-    (output / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
