@@ -70,19 +70,29 @@ class Int8Conv1D(torch.nn.Module):
 
 
 class Bf16Conv1D(torch.nn.Module):
-    """GPT-2's `Conv1D` multiplied in bfloat16 (AMX tiles on recent x86 CPUs:
-    several times faster than fp32 for a prefill's large matrices), with fp32
-    inputs and outputs, so attention, the cache and the LM head stay fp32."""
+    """GPT-2's `Conv1D` multiplied in bfloat16 when the input has many rows (a
+    prefill: AMX tiles make that several times faster than fp32), in fp32 when
+    it has few (a decode step, where bf16 only adds conversions). Inputs and
+    outputs are fp32, so attention, the cache and the LM head stay fp32."""
 
+    #: rows (tokens) from which the bf16 product pays for its conversions
+    MIN_ROWS = 64
+
+    weight: torch.Tensor
+    bias: torch.Tensor
     weight16: torch.Tensor
     bias16: torch.Tensor
 
     def __init__(self, conv: Any) -> None:
         super().__init__()
+        self.register_buffer("weight", conv.weight.detach())
+        self.register_buffer("bias", conv.bias.detach())
         self.register_buffer("weight16", conv.weight.detach().to(torch.bfloat16).contiguous())
         self.register_buffer("bias16", conv.bias.detach().to(torch.bfloat16).clone())
 
     def forward2d(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.MIN_ROWS:
+            return torch.addmm(self.bias, x, self.weight)
         return torch.addmm(self.bias16, x.to(torch.bfloat16), self.weight16).float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
