@@ -27,6 +27,7 @@ CHAT_ID = "console"
 
 class ConsoleTarget(Target):
     text_limit: ClassVar[int] = 1_000_000  # a terminal takes any length
+    shows_author: ClassVar[bool] = True  # "Sam> ..." instead of "bot> ..."
 
     def __init__(self, channel: ConsoleChannel) -> None:
         self.channel = channel

@@ -38,6 +38,9 @@ class Target(ABC):
     typing_every_s: ClassVar[float] = 0.0
     #: Progress notices are edited in place at most this often (0: every one).
     progress_every_s: ClassVar[float] = 0.0
+    #: The platform shows who wrote a message itself; otherwise an operator's
+    #: reply starts with their name ("Sam: ...").
+    shows_author: ClassVar[bool] = False
 
     @abstractmethod
     async def send_text(self, text: str) -> Any:
@@ -152,7 +155,10 @@ class Renderer:
         await self._turn()
         await self._stop_typing()
         if isinstance(reply, Text):
-            await self._send_text(reply.text)
+            text = reply.text
+            if reply.role == "operator" and reply.author and not self.target.shows_author:
+                text = f"{reply.author}: {text}"
+            await self._send_text(text)
         elif isinstance(reply, Image):
             await self._send_image(reply)
         elif isinstance(reply, Notice):

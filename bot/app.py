@@ -92,9 +92,7 @@ class BotApp:
             raise StartupError(str(exc)) from exc
         self._stack.push_async_callback(self.engine.close)
         self.drawer = await self._start_drawer()
-        self.knowledge = await self._start_knowledge()
-        self.governance = await self._start_governance()
-        self.handoff = await self._start_handoff()
+        # The manager first, so that its commands come first in /help and the menus.
         self.manager = ConversationManager(
             config,
             self.store,
@@ -102,10 +100,13 @@ class BotApp:
             commands=self.commands,
             drawer=self.drawer,
             metrics=self.metrics,
-            knowledge=self.knowledge,
-            handoff=self.handoff,
-            governance=self.governance,
         )
+        self.knowledge = await self._start_knowledge()
+        self.governance = await self._start_governance()
+        self.handoff = await self._start_handoff()
+        self.manager.knowledge = self.knowledge
+        self.manager.governance = self.governance
+        self.manager.handoff = self.handoff
         self._stack.push_async_callback(self.manager.close)
 
     async def _start_bus(self) -> EventBus:

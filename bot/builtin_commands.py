@@ -77,6 +77,13 @@ class BuiltinCommands:
     async def reset(self, call: CommandCall) -> AsyncIterator[Reply]:
         conversation = self.manager.conversation
         key = conversation.key_for(call.incoming)
+        handoff = self.manager.handoff
+        if handoff is not None:  # a conversation people hold goes back to the bot first
+            conversation_id, state = await self.store.conversations.ensure_active(
+                key.platform, key.chat_id, key.user_id
+            )
+            if state != "bot":
+                await handoff.give_back(call.incoming, conversation_id)
         async with conversation.admit_locks.hold(key), conversation.turn_locks.hold(key):
             await self.store.conversations.reset(key.platform, key.chat_id, key.user_id)
         yield Text(

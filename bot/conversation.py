@@ -174,7 +174,9 @@ class Conversation:
                         else:
                             final = reply  # a handoff notice: the turn ends without a reply
                     if isinstance(final, Text):
-                        over = await self._save_reply(stored, incoming, final)
+                        over, deliver = await self._save_reply(stored, incoming, final)
+                        if not deliver:
+                            final = None
                 finally:
                     over = over or await self.finish_turn(stored)
             if final is not None:
@@ -208,8 +210,9 @@ class Conversation:
                     stored.conversation_id, answered=answered
                 )
                 if escalate:
+                    trigger = "fallback" if decision.escalate else "unanswered"
                     for reply in await manager.handoff.request(
-                        incoming, stored.conversation_id, "unanswered"
+                        incoming, stored.conversation_id, trigger
                     ):
                         yield reply
                     return
@@ -262,10 +265,13 @@ class Conversation:
 
     # -- bookkeeping -------------------------------------------------------------
 
-    async def _save_reply(self, stored: StoredMessage, incoming: Incoming, reply: Text) -> bool:
-        """Store the reply (which ends the message's turn); if the database went
-        away meanwhile, the user still gets the answer (their own message is
-        already safe). True when the turn is over."""
+    async def _save_reply(
+        self, stored: StoredMessage, incoming: Incoming, reply: Text
+    ) -> tuple[bool, bool]:
+        """Store the reply (which ends the message's turn); (turn over, send it).
+        Not sent when, meanwhile, people took the conversation or another
+        process answered the message; sent anyway when the database went away
+        (the user's own message is already safe)."""
         tokens = self._tokens.pop(stored.id, None)
         try:
             saved = await self.store.conversations.add_bot_message(
@@ -279,10 +285,11 @@ class Conversation:
         except StorageUnavailable as exc:
             log.warning("a reply could not be stored: %s", exc)
             self.manager.count_error("storage")
-            return False
+            return False, True
         if saved is None:
-            log.info("message %s was answered elsewhere meanwhile", stored.id)
-        return True
+            log.info("message %s: people hold the conversation, or it was answered", stored.id)
+            return True, False
+        return True, True
 
     async def finish_turn(self, stored: StoredMessage) -> bool:
         """End a turn that stored no reply, so later messages do not wait for it."""

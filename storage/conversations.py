@@ -133,6 +133,9 @@ _HISTORY_BEFORE = (
     .order_by(*_HISTORY_ORDER)
     .limit(bindparam("limit"))
 )
+_HANDOFF_STATE = select(conversations_table.c.handoff_state).where(
+    conversations_table.c.id == bindparam("conversation_id")
+)
 _REPLIES_TO = (
     select(messages_table.c.text, messages_table.c.source)
     .where(messages_table.c.reply_to_id == bindparam("message_id"))
@@ -271,11 +274,18 @@ class Conversations(Repository):
         source: dict[str, Any] | None = None,
         tokens: int | None = None,
     ) -> StoredMessage | None:
-        """Store the reply to a user message, which ends its turn. None when the
-        turn was over already (another process answered it): nothing is stored."""
+        """Store the reply to a user message, which ends its turn. None, and
+        nothing stored, when the turn was over already (another process
+        answered it) or people hold the conversation now (an operator claimed
+        it while the reply was being written): the bot never answers over them."""
 
         def work(connection: Connection) -> StoredMessage | None:
             if not rows_affected(connection.execute(FINISH_TURN, {"message_id": reply_to.id})):
+                return None
+            state = connection.execute(
+                _HANDOFF_STATE, {"conversation_id": reply_to.conversation_id}
+            ).scalar()
+            if state not in (None, "bot"):
                 return None
             return _insert_message(
                 connection,

@@ -119,7 +119,7 @@ async def test_a_push_reaches_a_telegram_chat_in_its_topic(
     finally:
         await api.close()
     texts = api.texts(4242)
-    assert "".join(texts[1:3]) == long_text and all(len(t) <= 4096 for t in texts)
+    assert "".join(texts[1:3]) == long_text and all(len(t) <= 4096 for t in texts)  # no author
     assert texts[3] == "A note"
 
 
@@ -152,7 +152,7 @@ async def test_a_push_reaches_a_discord_channel(
     finally:
         await fake.close()
     pushed = fake.posts(fake.dm_channel_id)[1:]
-    assert pushed[0].json["content"] == OPERATOR_REPLY.text
+    assert pushed[0].json["content"] == f"Sam: {OPERATOR_REPLY.text}"  # who is writing
     assert pushed[0].json["allowed_mentions"]["parse"] == []
     assert pushed[1].files and "seed: 7" in pushed[1].json["content"]
     assert posts
