@@ -243,9 +243,6 @@ class BotApp:
         self.channels = channels
         return channels
 
-    def channel_states(self) -> dict[str, dict[str, str]]:
-        return {c.name: {"state": c.health.state, "detail": c.health.detail} for c in self.channels}
-
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
     """Run every enabled channel until SIGINT/SIGTERM (or `stop` is set)."""

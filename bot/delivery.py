@@ -39,9 +39,6 @@ class Delivery:
         if self._outbound.get(outbound.platform) is outbound:
             del self._outbound[outbound.platform]
 
-    def serves(self, platform: str) -> bool:
-        return platform in self._outbound
-
     async def address_of(self, conversation_id: int) -> tuple[ConversationKey, Address] | None:
         """The conversation's key and where its replies go, or None if it is gone."""
         try:

@@ -55,8 +55,6 @@ class Recovery:
         self.pid = pid
         self._task: asyncio.Task[None] | None = None
         self._answers: set[asyncio.Task[None]] = set()
-        self.recovered = 0
-        self.apologised = 0
         #: Set after each sweep (tests wait on it).
         self.swept = asyncio.Event()
 
@@ -96,6 +94,7 @@ class Recovery:
     async def sweep(self) -> int:
         """Take over and answer every orphaned message; how many were taken."""
         now = datetime.now(UTC)
+        await self.store.instances.prune(before=now - LOOK_BACK)  # long-gone processes
         pending = await self.store.turns.pending(since=now - LOOK_BACK)
         if not pending:
             self.swept.set()
@@ -146,7 +145,6 @@ class Recovery:
                 message.conversation_id,
                 Notice(texts.LOST_ANSWER.format(text=message.text[:200]), NoticeKind.INFO),
             )
-            self.apologised += 1
             return
         conversation = self.manager.conversation
         final: Text | None = None
@@ -160,7 +158,6 @@ class Recovery:
                 return
         if final is not None:
             await self.delivery.push(message.conversation_id, final)
-            self.recovered += 1
 
 
 def _running(pid: int) -> bool:

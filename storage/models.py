@@ -98,7 +98,6 @@ class Message(Base):
     reply_to_id: Mapped[int | None] = mapped_column(
         ForeignKey("messages.id", ondelete="CASCADE"), nullable=True
     )
-    platform_message_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     #: False while a user message waits for or is in its turn (see Store.conversation_lock).
     turn_done: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())

@@ -124,9 +124,6 @@ class PushHub:
                 if not streams:
                     del self._streams[user_id]
 
-    def listeners(self, user_id: str) -> int:
-        return len(self._streams.get(user_id, ()))
-
     async def stream(
         self, request: web.Request, user_id: str, heartbeat_s: float
     ) -> web.StreamResponse:

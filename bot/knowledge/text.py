@@ -72,10 +72,6 @@ def stem(word: str) -> str:
     return word
 
 
-def lexical_tokens(text: str) -> list[str]:
-    return [stem(word) for word in words(text) if word not in STOPWORDS]
-
-
 def _within(a: str, b: str, limit: int) -> bool:
     """Damerau-Levenshtein distance (adjacent swaps count once) <= limit."""
     if abs(len(a) - len(b)) > limit:

@@ -11,7 +11,8 @@ Create Date: 2026-12-01 10:00:00.000000
   process that owns the turn;
 - new tables: handoff_events (audit trail), unanswered_questions, bans,
   mutes, audit_log, instances (process heartbeats);
-- web_sessions.last_seen_at goes: nothing ever updated it.
+- web_sessions.last_seen_at goes (nothing ever updated it), and so does
+  messages.platform_message_id (its job is dedup_key's now).
 """
 
 from typing import Any
@@ -61,6 +62,8 @@ def upgrade() -> None:
         batch.create_index("ix_messages_chat", ["platform", "chat_id", "created_at"])
         batch.create_index("ix_messages_pending", ["turn_done", "role"])
         batch.create_index("uq_messages_dedup_key", ["dedup_key"], unique=True)
+        # nothing reads it: a message's platform id lives in dedup_key now
+        batch.drop_column("platform_message_id")
 
     with op.batch_alter_table("web_sessions") as batch:
         batch.drop_column("last_seen_at")
@@ -157,6 +160,7 @@ def downgrade() -> None:
             batch.drop_index(index)
         batch.drop_index("ix_messages_user")
         batch.create_index("ix_messages_user", ["platform", "user_id"])
+        batch.add_column(sa.Column("platform_message_id", sa.String(128), nullable=True))
         for column in ("handled_by", "tokens", "source", "author", "dedup_key", "chat_id"):
             batch.drop_column(column)
     with op.batch_alter_table("conversations") as batch:
