@@ -81,10 +81,25 @@ def add_subcommand(sub: Any) -> None:
         action="store_true",
         help="--peers: skip the peak-memory run in a fresh process",
     )
+    bench.add_argument(
+        "--soak",
+        action="store_true",
+        help="soak test: simulated users over the web API with an instant engine (docs/SOAK.md)",
+    )
+    bench.add_argument(
+        "--soak-minutes", type=float, default=10.0, help="--soak: how long (default 10)"
+    )
+    bench.add_argument(
+        "--soak-users", type=_positive, default=1000, help="--soak: users at once (default 1000)"
+    )
     bench.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.soak:
+        from bot.bench.soak import cmd_soak
+
+        return cmd_soak(args)
     import torch
 
     from bot.config import load_config
