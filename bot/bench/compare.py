@@ -115,7 +115,10 @@ async def run_peers(
                 engine: Any = app.engine
                 described = {
                     "model": {**describe_model(model, hf_model, tokenizer), "chosen": chosen},
-                    "device": describe_device(device, hf_model),
+                    "device": {
+                        **describe_device(device, hf_model),
+                        "linears": getattr(engine, "quantized", "none"),
+                    },
                     "prompt_budget": engine.prompt_budget,
                 }
                 turn_latency = await _turn_latency(app, scripts, plan, bar)

@@ -21,6 +21,20 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS. `VmHWM` belongs to the address space, so unlike
+    `ru_maxrss` (kept across exec) it does not count the parent we were forked
+    from."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
     from bot.app import BotApp
     from bot.bench.peer_run import CLOSED_LOOP, run_bot
@@ -41,7 +55,7 @@ async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
             "errors": len(run.errors),
             "rss_before_start_bytes": before,
             "rss_after_load_bytes": loaded,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _peak_rss_bytes(),
             "kv_bytes": kv,
             "kv_batch_bytes": runner.nbytes,
             "kv_prefix_bytes": cache.bytes_used if cache is not None else 0,

@@ -126,7 +126,10 @@ def write_peers_plot(result: dict[str, Any], path: str | Path) -> Path:
     axes_list[0].legend(fontsize=8, loc="upper left")
     device, model = result["device"], result["model"]
     figure.suptitle(
-        f"{Path(model['path']).name}, {device['type']} {device['dtype']}, "
+        f"{Path(model['path']).name}, {device['type']} {device['dtype']} "
+        f"(our linear layers: {device.get('linears', 'none')}), {device['torch_threads']} "
+        f"thread(s) per engine, load average {device['load_average']['start']}-"
+        f"{device['load_average']['end']}, "
         f"{result['workload']['new_tokens']} tokens per reply",
         fontsize=10,
     )

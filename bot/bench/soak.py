@@ -154,6 +154,21 @@ def rss_of(pid: int) -> int | None:
         return None
 
 
+def cpu_seconds_of(pid: int) -> float | None:
+    """User + system CPU time a process has used (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # -- the users ---------------------------------------------------------------------
 
 
@@ -261,6 +276,7 @@ async def _drive(url: str, pid: int, plan: SoakPlan, progress: bool) -> dict[str
         sent: list[Sent] = [[] for _ in sessions]
         tally = Tally()
         started = time.monotonic()
+        cpu_at_start = (cpu_seconds_of(pid), own_cpu_seconds())
         warm_at, deadline = started + plan.warmup_s, started + plan.seconds
         samples: list[tuple[float, int]] = []
         sampler = asyncio.create_task(_sample_rss(pid, samples, started, plan.rss_every_s))
@@ -277,6 +293,13 @@ async def _drive(url: str, pid: int, plan: SoakPlan, progress: bool) -> dict[str
                 task.cancel()
         seconds = time.monotonic() - started
         end_rss = rss_of(pid)
+        bot_cpu, client_cpu = cpu_seconds_of(pid), own_cpu_seconds()
+        cpu = {
+            "bot_cores": round((bot_cpu - cpu_at_start[0]) / seconds, 2)
+            if bot_cpu is not None and cpu_at_start[0] is not None
+            else None,
+            "clients_cores": round((client_cpu - cpu_at_start[1]) / seconds, 2),
+        }
         checks = await asyncio.gather(
             *(
                 _history_check(http, index, token, sent[index])
@@ -284,7 +307,9 @@ async def _drive(url: str, pid: int, plan: SoakPlan, progress: bool) -> dict[str
             )
         )
         server_errors = await _server_errors(http)
-    return _result(plan, tally, seconds, samples, end_rss, checks, server_errors)
+    result = _result(plan, tally, seconds, samples, end_rss, checks, server_errors)
+    result["cpu"] = cpu
+    return result
 
 
 async def _report_progress(
@@ -427,6 +452,8 @@ def format_soak(result: dict[str, Any]) -> str:
         f"({growth_text}; target under +10%), peak {mb(rss['peak'])}",
         f"history   {histories['isolated']:,} of {histories['checked']:,} users hold exactly "
         f"their own messages ({histories['foreign_messages']} foreign)",
+        f"cpu       the bot used {result['cpu']['bot_cores']} cores on average, "
+        f"the simulated users {result['cpu']['clients_cores']}",
         f"machine   {result['machine']['cpu']}, {result['machine']['cores']} cores; "
         f"load average {load['start']} at start, {load['end']} at end",
     ]
