@@ -80,7 +80,7 @@ class ConsoleChannel:
     ) -> None:
         self.handle = handle
         self.data_dir = data_dir
-        self.stdin = stdin or sys.stdin
+        self.stdin = _lenient(stdin or sys.stdin)
         self.stdout = stdout or sys.stdout
         self.user_id = user_id
         self.services = services
@@ -159,3 +159,12 @@ class ConsoleChannel:
     def write(self, text: str, end: str = "\n") -> None:
         self.stdout.write(text + end)
         self.stdout.flush()
+
+
+def _lenient(stream: TextIO) -> TextIO:
+    """Bytes that are not valid in the terminal's encoding come through as
+    surrogates (stored as U+FFFD) instead of ending the console."""
+    reconfigure = getattr(stream, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+    return stream

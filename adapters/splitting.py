@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 
 FENCE = "```"
-_FENCE_OPEN = re.compile(r"```([^\n`]*)")
+#: A fence's language tag: a short word right before the line ends. Anything
+#: else after the backticks is code, and is not carried to a re-opened fence.
+_FENCE_OPEN = re.compile(r"```([\w+#.-]{1,32})[ \t]*(?=\n|$)")
 
 
 def _inside_code(text: str, position: int) -> bool:

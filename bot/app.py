@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -258,33 +259,46 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> None:
         started: list[Channel] = []
         assert app.manager is not None and app.store is not None and app.delivery is not None
         recovery = Recovery(app.manager, app.delivery, host=socket.gethostname(), pid=os.getpid())
+
+        async def start(channel: Channel) -> None:
+            try:
+                await channel.start()
+            except Exception as exc:  # one platform down is not the bot down
+                log.error("the %s channel could not start: %s", channel.name, exc)
+                channel.health.state, channel.health.detail = "down", str(exc)
+                return
+            started.append(channel)
+            log.info("%s channel started", channel.name)
+
         try:
-            # Together, so that a platform slow to answer holds up none of the others.
-            results = await asyncio.gather(
-                *(channel.start() for channel in channels), return_exceptions=True
-            )
-            for channel, result in zip(channels, results, strict=True):
-                if isinstance(result, BaseException):
-                    if not isinstance(result, Exception):
-                        raise result
-                    log.error("the %s channel could not start: %s", channel.name, result)
-                    channel.health.state, channel.health.detail = "down", str(result)
-                    continue
-                started.append(channel)
-                log.info("%s channel started", channel.name)
-            if not started:
-                raise StartupError("no channel could start (see the log above)")
-            await recovery.start()
-            await stop.wait()
+            # Together, so that a platform slow to answer holds up none of the
+            # others, and a SIGTERM meanwhile does not wait for it either.
+            starting = asyncio.ensure_future(_all(start(channel) for channel in channels))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+            else:
+                if not started:
+                    raise StartupError("no channel could start (see the log above)")
+                await recovery.start()
+                await stopping
+            stopping.cancel()
             log.info("shutting down: finishing replies in flight")
             await app.manager.close()
         finally:
             await recovery.close()
-            for channel in reversed(started):
+            for channel in reversed(channels):
                 try:
                     await channel.stop()
                 except Exception:
                     log.exception("stopping the %s channel failed", channel.name)
+
+
+async def _all(starts: Iterable[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*starts)
 
 
 async def chat(config: Config, *, user: str = "local") -> int:

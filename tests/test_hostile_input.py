@@ -226,12 +226,6 @@ async def test_bodies_that_are_not_utf8_are_400_json(make_config: Callable[..., 
         assert await history_of(http, auth) == [("user", "café"), ("bot", echo("café"))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/web/channel.py _read_text catches only JSONDecodeError and "
-    "UnicodeDecodeError: an unknown or non-text charset makes request.json() raise "
-    "LookupError, which aiohttp answers with a plain-text 500",
-)
 async def test_a_body_in_an_unknown_charset_is_400_json(make_config: Callable[..., Config]) -> None:
     async with (
         web_bot(roomy(make_config)) as (_, url),
@@ -521,12 +515,6 @@ async def test_discord_content_and_display_names(
     assert not fake.unknown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/discord/addressing.py clean_text collapses every run of spaces and tabs "
-    r"in the whole message (re.sub(r'[ \t]{2,}', ' ', text)), so indented code a user "
-    "pastes loses its indentation; only the gap left by the removed mention should close",
-)
 async def test_discord_keeps_the_indentation_of_pasted_code(
     make_config: Callable[..., Config], discord_env: None
 ) -> None:
@@ -585,14 +573,6 @@ async def test_console_takes_every_single_line_hostile_text(
     assert printed == [f"bot> {echo(text)}" for text in expected]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/console.py ConsoleChannel._reader iterates sys.stdin, which decodes "
-    "strictly under a UTF-8 locale: one byte that is not UTF-8 kills the reader thread "
-    "with a UnicodeDecodeError traceback and `aigc-bot chat` ends without answering "
-    "anything (not even the lines before it); stdin should be read with "
-    "errors='surrogateescape' (safe_text then stores U+FFFD)",
-)
 async def test_console_survives_bytes_that_are_not_utf8(
     make_config: Callable[..., Config],
 ) -> None:

@@ -129,14 +129,6 @@ for text, limit in ((sys.argv[1] + "a" * 3000, 2000), ("```" + "b" * 50 + "\\nxy
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="adapters/splitting.py split_message loops forever (and grows without bound) when "
-    "a ``` fence is followed by a line longer than the limit: _open_fence_info takes that "
-    "whole line as the language tag, and the re-fenced rest ('```' + tag + '\\n' + rest[inner:]) "
-    "is longer than what was cut off, so `rest` never shrinks. A reply with a long one-line code "
-    "block freezes the event loop; the tag should be capped (or dropped) when it cannot fit",
-)
 def test_split_ends_when_a_fence_is_followed_by_a_very_long_line() -> None:
     try:
         result = subprocess.run(
@@ -330,12 +322,6 @@ def test_draw_options_round_trip(
     assert_within_limits(options, section)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/draw/options.py _int: int(raw) on more than 4,300 digits raises Python's own "
-    "ValueError ('Exceeds the limit (4300 digits) for integer string conversion'), not "
-    "DrawUsageError, so /draw answers with the internal-error notice; check len(raw) first",
-)
 @pytest.mark.parametrize("option", ["--seed", "--steps"])
 def test_a_number_with_thousands_of_digits_is_a_usage_error(option: str) -> None:
     with pytest.raises(DrawUsageError):
@@ -503,11 +489,11 @@ _CONFIG_CRASHES = {
 @pytest.mark.parametrize(
     ("text", "environ"),
     [
-        pytest.param(text, environ, id=name, marks=pytest.mark.xfail(strict=True, reason=reason))
-        for name, (text, environ, reason) in _CONFIG_CRASHES.items()
+        pytest.param(text, environ, id=name)
+        for name, (text, environ, _what_crashed) in _CONFIG_CRASHES.items()
     ],
 )
-def test_configs_that_crash_the_loader_today(
+def test_configs_that_crashed_the_loader_are_one_line_errors(
     tmp_path: Path, text: str, environ: dict[str, str]
 ) -> None:
     path = tmp_path / "config.toml"
@@ -515,12 +501,6 @@ def test_configs_that_crash_the_loader_today(
     load_or_one_line_error(path, environ)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/config/loading.py load_config reads the file with read_text(encoding='utf-8') "
-    "and catches TOMLDecodeError and OSError only; a file that is not UTF-8 raises "
-    "UnicodeDecodeError (a traceback instead of 'not valid TOML')",
-)
 def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(b'[bot]\nname = "caf\xe9"\n')

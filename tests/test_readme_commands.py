@@ -300,14 +300,6 @@ async def test_run_and_export_with_the_config_after_the_subcommand(
     assert conversation["messages"][0]["text"] == "hi"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bot/app.py serve() awaits every channel's start() (asyncio.gather) before it "
-    "looks at the stop event, and DiscordChannel.start waits up to connect_timeout_s (60 s) "
-    "for a Discord that cannot be reached: a SIGTERM in that minute is honoured only when "
-    "it is over (measured: 61 s to exit), past a supervisor's kill timeout. serve() should "
-    "race the starts against `stop`",
-)
 async def test_run_stops_promptly_on_sigterm_while_discord_cannot_be_reached(
     bot_env: dict[str, str], tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -83,14 +83,16 @@ def clean_text(
     message: discord.Message, my_id: int, my_role_id: int | None = None, text: str | None = None
 ) -> str:
     """The message (or `text`) without the bot's mention; other people's mentions as @names."""
-    text = re.sub(rf"<@!?{my_id}>", "", message.content if text is None else text)
+    # Only the gap a removed mention leaves closes: indentation elsewhere
+    # (code a user pastes) stays as it was.
+    text = re.sub(rf"[ \t]*<@!?{my_id}>[ \t]*", " ", message.content if text is None else text)
     if my_role_id is not None:
-        text = text.replace(f"<@&{my_role_id}>", "")
+        text = re.sub(rf"[ \t]*<@&{my_role_id}>[ \t]*", " ", text)
     for user in message.mentions:
         if user.id != my_id:
             # a function, so that a name with backslashes is not read as a template
             text = re.sub(rf"<@!?{user.id}>", _literal("@" + user.display_name), text)
-    return re.sub(r"[ \t]{2,}", " ", text).strip()
+    return text.strip()
 
 
 def _literal(replacement: str) -> Callable[[re.Match[str]], str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -149,7 +148,7 @@ class WebChannel:
     async def _read_text(self, request: web.Request) -> str | web.Response:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, LookupError):  # bad JSON, bad bytes, an unknown charset
             return json_error(400, _BAD_BODY)
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             return json_error(400, _BAD_BODY)

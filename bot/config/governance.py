@@ -74,8 +74,9 @@ class ModerationSection(Section):
         for pattern in value:
             try:
                 compiled = re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"has a bad regular expression {pattern!r}: {exc}") from None
+            except (re.error, OverflowError, RecursionError) as exc:
+                shown = pattern if len(pattern) <= 60 else pattern[:57] + "..."
+                raise ValueError(f"has a bad regular expression {shown!r}: {exc}") from None
             if compiled.search("") is not None:
                 raise ValueError(f"{pattern!r} matches the empty text: it would block everything")
         return value

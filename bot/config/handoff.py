@@ -76,7 +76,7 @@ class HandoffSection(Section):
 
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a folder
             raise ValueError('must be an IANA time zone such as "UTC" or "Europe/Berlin"') from None
         return value
 

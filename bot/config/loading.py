@@ -37,7 +37,7 @@ def _parse_env_value(raw: str) -> Any:
     """JSON when it parses (numbers, booleans, lists), else the plain string."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw
 
 
@@ -56,7 +56,9 @@ def _apply_env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"])
+    key = ".".join(
+        str(part) if str(part).isidentifier() else repr(str(part)) for part in error["loc"]
+    )
     message = str(error["msg"])
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -96,6 +98,12 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
             data = tomllib.loads(resolved.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{resolved}: not valid TOML ({exc})") from None
+        except RecursionError:
+            raise ConfigError(f"{resolved}: not valid TOML (nested too deeply)") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{resolved}: not valid TOML (not UTF-8 at byte {exc.start})"
+            ) from None
         except OSError as exc:
             raise ConfigError(f"{resolved}: cannot be read ({exc.strerror})") from None
     elif path is not None or CONFIG_ENV in environ:

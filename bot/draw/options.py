@@ -176,7 +176,9 @@ def _option_name(word: _Word) -> str | None:
 def _int(option: str, raw: str, low: int, high: int, what: str) -> int:
     raw = raw.strip().replace("_", "")
     if not re.fullmatch(r"[+-]?\d+", raw):
-        raise DrawUsageError(f"--{option} needs {what}, not {raw!r}.")
+        raise DrawUsageError(f"--{option} needs {what}, not {raw[:40]!r}.")
+    if len(raw.lstrip("+-0")) > len(str(high)):  # also spares int() thousands of digits
+        raise DrawUsageError(f"--{option} must be from {low} to {high:,}.")
     value = int(raw)
     if not low <= value <= high:
         raise DrawUsageError(f"--{option} must be from {low} to {high:,}, not {value}.")
