@@ -100,16 +100,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bot.bench.soak import cmd_soak
 
         return cmd_soak(args)
-    import torch
-
     from bot.config import load_config
     from bot.logging_setup import setup_logging
 
     config = load_config(args.config)
     setup_logging(args.log_level or "WARNING")
-    # every engine, ours and the peers, on threads that flush denormals (see
-    # LocalTextEngine._load); threads started from here on inherit it
-    torch.set_flush_denormal(True)
     from transformers.utils import logging as hf_logging
 
     # generate() warns that EOS-as-pad "may be padding" even with an attention mask given

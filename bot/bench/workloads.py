@@ -146,6 +146,10 @@ class GenerateBot:
         """(cleaned reply, tokens generated); runs on a worker thread."""
         import torch
 
+        # as our engine's thread does (denormals take a slow path on x86); the
+        # setting is this thread's own
+        torch.set_flush_denormal(True)
+
         ids = encode_dialogue(self.tokenizer, turns, self.budget)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         with torch.inference_mode():
