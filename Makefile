@@ -43,8 +43,10 @@ format: $(STAMP)
 test: $(STAMP) browser lint
 	$(BIN)/python -m pytest
 
+# The CTranslate2 peers of `bench --peers` need its optional extra.
 bench: $(STAMP)
-	$(BIN)/aigc-bot bench
+	$(BIN)/python -m pip install -q -e '.[dev,ctranslate2]'
+	$(BIN)/aigc-bot bench --peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -241,7 +241,7 @@ class Conversation:
             stream = manager.engine.stream(turns, conversation=cache_key)
             async for chunk in race(stream, ticket):
                 if chunk.final:
-                    final_text, tokens = chunk.text, getattr(chunk, "tokens", 0)
+                    final_text, tokens = chunk.text, chunk.tokens
                     break
                 if stream_partials:
                     yield Text(chunk.text, final=False)

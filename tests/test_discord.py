@@ -24,6 +24,7 @@ from adapters.discord.routing import DEFAULT_API_BASE, Endpoints
 from adapters.outbound import Renderer, Target
 from bot.app import serve
 from bot.config import Config
+from bot.engines import TextChunk
 from bot.messages import Image, Incoming, Notice, NoticeKind, Reply, Text, Typing
 
 TOKEN = "fake-discord-token-123"
@@ -110,10 +111,12 @@ class LongEngine:
     def text_for(self, turns: Sequence[str]) -> str:
         return self.text
 
-    async def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[Text]:
+    async def stream(
+        self, turns: Sequence[str], *, conversation: str = ""
+    ) -> AsyncIterator[TextChunk]:
         text = self.text_for(turns)
-        yield Text(text[:50], final=False)
-        yield Text(text, final=True)
+        yield TextChunk(text[:50], final=False)
+        yield TextChunk(text, final=True)
 
     async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
         return self.text

@@ -27,6 +27,8 @@ class Plan:
     threads: int | None = None
     #: `--peers`: users' first messages spread over this many seconds (closed loop)
     ramp_s: float = 1.0
+    #: The knowledge base's added latency per message (an FAQ of this many entries; 0 = skip)
+    knowledge_entries: int = 100
 
     @classmethod
     def quick(cls, **overrides: Any) -> Plan:
@@ -41,6 +43,7 @@ class Plan:
             "turn_repeats": 1,
             "heldout_dialogues": 4,
             "ramp_s": 0.05,
+            "knowledge_entries": 0,
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)

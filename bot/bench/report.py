@@ -100,6 +100,16 @@ def _int8_line(int8: dict[str, Any]) -> str:
     )
 
 
+def _knowledge_line(knowledge: dict[str, Any]) -> str:
+    return (
+        f"knowledge base ({knowledge['entries']:.0f} FAQ entries): decide adds "
+        f"{knowledge['alone_p50_ms']:.1f} ms p50 / {knowledge['alone_p95_ms']:.1f} ms p95 to a "
+        f"message alone, {knowledge['batched_p50_ms']:.1f} / {knowledge['batched_p95_ms']:.1f} ms "
+        f"with {knowledge['users']:.0f} users at once (mean embedding batch "
+        f"{knowledge['mean_batch']:.1f})"
+    )
+
+
 def format_report(result: dict[str, Any]) -> str:
     turn = result["turn_latency"]
     who = f"1 user alone, median of {_count(turn['repeats'], 'conversation')}"
@@ -108,7 +118,10 @@ def format_report(result: dict[str, Any]) -> str:
         f"turn {turn['turns']} / turn 1 latency ({who}): "
         f"ours {turn['ours']:.2f}, baseline {turn['baseline']:.2f}"
     )
-    lines += [_overhead_line(result["overhead"]), _int8_line(result["int8"]), "", "targets"]
+    lines += [_overhead_line(result["overhead"]), _int8_line(result["int8"])]
+    if "knowledge" in result:
+        lines.append(_knowledge_line(result["knowledge"]))
+    lines += ["", "targets"]
     for target in result["targets"]:
         value = target["value"]
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)

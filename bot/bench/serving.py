@@ -65,6 +65,13 @@ async def run_bench(base: Config, plan: Plan, *, progress: bool = False) -> dict
             result["int8"] = await _int8(
                 base, plan, model, workdir, scripts, new_tokens, heldout, source, bar
             )
+            if plan.knowledge_entries:
+                from bot.knowledge.bench import measure_overhead
+
+                bar.phase("knowledge base")
+                result["knowledge"] = await measure_overhead(
+                    base, entries=plan.knowledge_entries, users=plan.overhead_users
+                )
         finally:
             bar.close()
     result["device"]["load_average"] = {"start": load_start, "end": load_average()}

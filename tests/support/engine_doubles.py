@@ -7,8 +7,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from bot.engines import EngineUnavailable
-from bot.messages import Text
+from bot.engines import EngineUnavailable, TextChunk
 
 
 class ScriptedEngine:
@@ -44,7 +43,9 @@ class ScriptedEngine:
     def queue_depth(self) -> int:
         return 0
 
-    async def stream(self, turns: Sequence[str], *, conversation: str = "") -> AsyncIterator[Text]:
+    async def stream(
+        self, turns: Sequence[str], *, conversation: str = ""
+    ) -> AsyncIterator[TextChunk]:
         if self.fail:
             raise EngineUnavailable("text.model is not loaded")
         self.prompts.append(list(turns))
@@ -56,16 +57,10 @@ class ScriptedEngine:
             text = self.reply(turns)
             words = text.split(" ")
             for index in range(1, len(words)):
-                yield Text(" ".join(words[:index]), final=False)
-            yield Text(text, final=True)
+                yield TextChunk(" ".join(words[:index]), final=False)
+            yield TextChunk(text, final=True, tokens=len(words))
         finally:
             self.streams_closed += 1
-
-    async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
-        async for part in self.stream(turns, conversation=conversation):
-            if part.final:
-                return part.text
-        raise EngineUnavailable("no reply")
 
 
 def jitter(low: float = 0.0, high: float = 0.01) -> Callable[[], float]:
