@@ -338,6 +338,9 @@ def _result(
     warm = next((rss for at, rss in samples if at >= plan.warmup_s), None)
     end = end_rss if end_rss is not None else (samples[-1][1] if samples else None)
     growth = round((end - warm) / warm * 100, 2) if warm and end else None
+    # a leak keeps growing; caches level off: the second half of the run tells them apart
+    middle = next((rss for at, rss in samples if at >= seconds / 2), None)
+    late_growth = round((end - middle) / middle * 100, 2) if middle and end else None
     measured_s = max(seconds - plan.warmup_s, 1e-9)
     errors = sum(tally.errors.values())
     result: dict[str, Any] = {
@@ -366,6 +369,7 @@ def _result(
             "peak": max([rss for _, rss in samples] + ([end] if end else []), default=None),
             "growth_pct": growth,
             "growth_under_10_pct": growth is not None and growth < 10,
+            "growth_second_half_pct": late_growth,
             "samples": samples,
         },
         "histories": {
@@ -431,8 +435,9 @@ def format_soak(result: dict[str, Any]) -> str:
     def mb(value: int | None) -> str:
         return "?" if value is None else f"{value / 2**20:.1f} MB"
 
-    growth = rss["growth_pct"]
+    growth, late = rss["growth_pct"], rss.get("growth_second_half_pct")
     growth_text = "?" if growth is None else f"{growth:+.1f}%"
+    late_text = "?" if late is None else f"{late:+.1f}%"
     errors = f"{result['errors']} errors"
     if result["errors"]:
         errors += f" {result['error_kinds']} (first: {result.get('first_error', '')})"
@@ -449,7 +454,7 @@ def format_soak(result: dict[str, Any]) -> str:
         f"latency   p50 {latency['p50']} ms, p95 {latency['p95']} ms, p99 {latency['p99']} ms, "
         f"max {latency['max']} ms (after warm-up)",
         f"memory    RSS {mb(rss['after_warmup'])} after warm-up, {mb(rss['end'])} at the end "
-        f"({growth_text}; target under +10%), peak {mb(rss['peak'])}",
+        f"({growth_text}; target under +10%; second half {late_text}), peak {mb(rss['peak'])}",
         f"history   {histories['isolated']:,} of {histories['checked']:,} users hold exactly "
         f"their own messages ({histories['foreign_messages']} foreign)",
         f"cpu       the bot used {result['cpu']['bot_cores']} cores on average, "
