@@ -116,7 +116,7 @@ class HandoffService:
         except HoursError as exc:
             raise StartupError(f"[handoff] hours: {exc}") from exc
         if not len(operators):
-            log.warning(
+            log.info(  # like a channel whose token is unset: off, and why
                 "handoff is off: no operator can sign in, because the env var %s "
                 "([handoff] operator_tokens_env) is not set (name:token,name:token)",
                 settings.operator_tokens_env,
