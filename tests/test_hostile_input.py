@@ -421,13 +421,6 @@ async def test_telegram_messages_captions_and_user_names(
 # -- Discord -------------------------------------------------------------------------
 
 
-def collapse(text: str) -> str:
-    """Runs of spaces and tabs as one space (see the xfail test below)."""
-    import re
-
-    return re.sub(r"[ \t]{2,}", " ", text)
-
-
 @pytest.fixture
 def discord_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISCORD_BOT_TOKEN", DISCORD_TOKEN)
@@ -497,16 +490,12 @@ async def test_discord_content_and_display_names(
         try:
             stored_names = await user_names(store, "discord")
             for name, author in authors.items():
-                text = stored_form(collapse(HOSTILE[name]))
+                text = stored_form(HOSTILE[name])
                 stored = await exported(store, "discord", author["id"])
                 if name in EMPTY_AFTER_TRIM:
                     assert stored == [], name
                     continue
-                # spaces are compared collapsed: see the xfail test below
-                assert [(role, collapse(t)) for role, t in stored] == [
-                    ("user", collapse(text)),
-                    ("bot", collapse(echo(text))),
-                ], name
+                assert stored == [("user", text), ("bot", echo(text))], name
                 assert stored_names[author["id"]] == safe_text(HOSTILE[name][:32]), name
         finally:
             await store.close()

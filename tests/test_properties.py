@@ -9,8 +9,9 @@
   or a one-line `ConfigError`, never a traceback.
 
 Runs are deterministic (`derandomize=True`, no example database) and small
-enough for CI. Inputs that break a property today are pinned as strict
-xfails at the end of each part, naming the file and the cause.
+enough for CI. Inputs that once broke a property (a splitter that looped, a
+/draw number too long for int(), config values that crashed the loader) are
+kept as plain tests at the end of each part.
 """
 
 from __future__ import annotations
@@ -63,19 +64,19 @@ WITH_FENCES = st.lists(
 ).map("".join)
 
 
-def without_fences(text: str) -> str:
-    """The text with fences (and their info strings) and whitespace removed:
-    what re-fencing a long code block must leave unchanged."""
-    return re.sub(r"\s", "", re.sub(r"```[^\n`]*", "", text))
+def squashed(text: str) -> str:
+    """The text without whitespace and backticks: what re-fencing a long code
+    block may add to (fences, newlines, a repeated language tag) but never
+    take from."""
+    return re.sub(r"[\s`]", "", text)
 
 
-def fence_lines_fit(text: str, limit: int) -> bool:
-    """No line holding a fence is longer than a part can take with a fence
-    around it (see the xfail test for what happens otherwise)."""
-    return all(len(line) <= limit - 12 for line in text.split("\n") if FENCE in line)
+def is_subsequence(short: str, long: str) -> bool:
+    rest = iter(long)
+    return all(char in rest for char in short)
 
 
-@quick(400)
+@quick(250)
 @given(st.one_of(PROSE, st.text(max_size=300)), LIMITS)
 def test_split_loses_nothing_and_every_part_fits(text: str, limit: int) -> None:
     assume(FENCE not in text)
@@ -86,13 +87,13 @@ def test_split_loses_nothing_and_every_part_fits(text: str, limit: int) -> None:
 
 @quick(400)
 @given(WITH_FENCES, LIMITS)
-def test_split_with_code_fences_keeps_all_text_outside_the_added_fences(
-    text: str, limit: int
-) -> None:
-    assume(fence_lines_fit(text, limit))
+def test_split_with_code_fences_loses_nothing_and_adds_only_fences(text: str, limit: int) -> None:
     parts = split_message(text, limit)
     assert all(0 < len(part) <= limit for part in parts)
-    assert without_fences("".join(parts)) == without_fences(text)
+    original, joined = squashed(text), squashed("".join(parts))
+    assert is_subsequence(original, joined)
+    # at most a language tag (32 characters) more for each re-opened fence
+    assert len(joined) - len(original) <= 32 * max(0, len(parts) - 1)
 
 
 _WORD = st.text(alphabet="abcdé😀", min_size=1, max_size=8)
