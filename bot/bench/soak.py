@@ -294,11 +294,10 @@ async def _drive(url: str, pid: int, plan: SoakPlan, progress: bool) -> dict[str
         seconds = time.monotonic() - started
         end_rss = rss_of(pid)
         bot_cpu, client_cpu = cpu_seconds_of(pid), own_cpu_seconds()
+        bot_start = cpu_at_start[0]
         cpu = {
-            "bot_cores": round((bot_cpu - cpu_at_start[0]) / seconds, 2)
-            if bot_cpu is not None and cpu_at_start[0] is not None
-            else None,
-            "clients_cores": round((client_cpu - cpu_at_start[1]) / seconds, 2),
+            "bot_cores": None if bot_cpu is None or bot_start is None else bot_cpu - bot_start,
+            "clients_cores": client_cpu - cpu_at_start[1],
         }
         checks = await asyncio.gather(
             *(
@@ -308,7 +307,10 @@ async def _drive(url: str, pid: int, plan: SoakPlan, progress: bool) -> dict[str
         )
         server_errors = await _server_errors(http)
     result = _result(plan, tally, seconds, samples, end_rss, checks, server_errors)
-    result["cpu"] = cpu
+    # CPU seconds per second of the run: how many cores each side kept busy
+    result["cpu"] = {
+        side: None if used is None else round(used / seconds, 2) for side, used in cpu.items()
+    }
     return result
 
 
