@@ -32,6 +32,8 @@ TOKEN = "123456789:AAFake-crash-token-0123456789abc"
 WEB_USERS = 4
 TELEGRAM_USERS = 3
 CYCLES = 5
+#: Messages each Telegram user sends at most.
+TELEGRAM_MESSAGES = 25
 
 
 class WebUser:
@@ -75,7 +77,7 @@ class WebUser:
 
 async def telegram_user(user: int, api: FakeBotApi, sent: list[str], stop: asyncio.Event) -> None:
     count = 0
-    while not stop.is_set():
+    while not stop.is_set() and count < TELEGRAM_MESSAGES:  # the same load on a slow machine
         count += 1
         text = f"tg{user} message {count}"
         api.private_message(user, text)

@@ -116,4 +116,20 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
         raise ConfigError(_describe(dict(first)) + suffix) from None
+    _register_url_password(config.storage.url)
     return config.with_source_dir(resolved.resolve().parent if resolved.exists() else Path.cwd())
+
+
+def _register_url_password(url: str) -> None:
+    """A password in `[storage] url` is a secret too: redacted wherever it shows up."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from bot.logging_setup import register_secret
+
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return
+    if password:
+        register_secret(str(password))
