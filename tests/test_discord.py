@@ -14,6 +14,7 @@ from typing import Any
 
 import discord
 import pytest
+from support.eventually import eventually
 from support.fakes.discord_server import FakeDiscord, Recorded
 from support.net import free_port
 
@@ -71,11 +72,14 @@ async def serving(
     monkeypatch.setattr(DiscordChannel, "start", start)
     stop = asyncio.Event()
     task = asyncio.create_task(serve(config, stop))
-    while not started:
+
+    def channel_started() -> bool:
         if task.done():
             task.result()
             raise AssertionError("serve ended before the Discord channel started")
-        await asyncio.sleep(0.02)
+        return bool(started)
+
+    await eventually(channel_started, within=60)
     try:
         yield started
     finally:

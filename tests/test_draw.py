@@ -14,7 +14,6 @@ import io
 import json
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from support.eventually import eventually
 
 from bot.config import Config, load_config
 from bot.draw.service import DrawService
@@ -226,10 +226,8 @@ async def test_loaded_at_start_and_clamped_options_are_what_is_drawn_and_said(
     from PIL import Image as PILImage
 
     service = await services(model=tiny_sd_dir, load="start")
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while not service.engine.loaded:  # draw.load = "start": loaded before any /draw
-        assert time.monotonic() < deadline, "the pipeline was not loaded at start"
-        await asyncio.sleep(0.05)
+    # draw.load = "start": loaded before any /draw
+    await eventually(lambda: service.engine.loaded, within=STEP_TIMEOUT)
     replies = Replies(
         service.handle(incoming(), 'dunes --size 1000x500 --steps 99 --negative "people" --seed 1')
     )
@@ -397,11 +395,11 @@ async def test_an_abandoned_request_leaves_the_queue(services: Callable[..., Any
     assert service.engine.waiting == 0
     pipeline.gate.set()
     assert isinstance(await running.last(), Image)
-    for _ in range(100):
-        if [row["status"] for row in await draw_row(service, "bob")] == ["cancelled"]:
-            break
-        await asyncio.sleep(0.02)
-    assert [row["status"] for row in await draw_row(service, "bob")] == ["cancelled"]
+
+    async def cancelled() -> bool:
+        return [row["status"] for row in await draw_row(service, "bob")] == ["cancelled"]
+
+    await eventually(cancelled)
 
 
 async def test_shutdown_answers_queued_and_running_draws(services: Callable[..., Any]) -> None:
@@ -414,7 +412,7 @@ async def test_shutdown_answers_queued_and_running_draws(services: Callable[...,
     queued = Replies(service.handle(incoming("bob"), "two"))
     await queued.next()
     closing = asyncio.create_task(service.close())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: service.engine.closing)  # shutting down, the picture still running
     pipeline.gate.set()
     await asyncio.wait_for(closing, STEP_TIMEOUT)
     for replies in (running, queued):

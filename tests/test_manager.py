@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from support.engine_doubles import ScriptedEngine, jitter
+from support.eventually import eventually
 
 from bot.cli import main
 from bot.config import Config
@@ -105,11 +106,7 @@ async def test_different_conversations_run_concurrently(config: Config, store: S
     engine.release = asyncio.Event()
     manager = ConversationManager(config, store, engine)
     tasks = [asyncio.create_task(replies(manager, message("hi", user=f"u{i}"))) for i in range(5)]
-    for _ in range(200):
-        if len(engine.prompts) == 5:
-            break
-        await asyncio.sleep(0.01)
-    assert len(engine.prompts) == 5  # all five are generating at the same time
+    await eventually(lambda: len(engine.prompts) == 5)  # all five generate at the same time
     engine.release.set()
     await asyncio.gather(*tasks)
 
@@ -325,8 +322,7 @@ async def test_a_caller_that_goes_away_stops_the_generation(config: Config, stor
     consumer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await consumer
-    await asyncio.sleep(0.05)
-    assert engine.streams_closed == 1  # the engine was told to stop, not left running
+    await eventually(lambda: engine.streams_closed == 1)  # told to stop, not left running
     # The conversation is free again at once: the next message is answered.
     engine.release = None
     collected = await asyncio.wait_for(replies(manager, message("hello again")), 5)

@@ -9,7 +9,6 @@ engine double (a model that is down, or a scripted stream).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -22,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from support.engine_doubles import ScriptedEngine
+from support.eventually import eventually
 from support.web_support import PictureDrawer, parse_sse
 
 from adapters.web import WebChannel
@@ -182,11 +182,12 @@ async def test_a_visitor_who_leaves_mid_stream_still_gets_the_reply_stored(serve
             first = (await r.content.readuntil(b": keep-alive\n\n")).decode()
         assert first.startswith("event: typing")  # quiet for longer than heartbeat_s
         assert engine.streams_closed == 0  # the reply was still being made when we left
-        for _ in range(50):
+
+        async def stored() -> list[Any]:
             history = await server.history(token)
-            if len(history) == 2:
-                break
-            await asyncio.sleep(0.05)
+            return history if len(history) == 2 else []
+
+        history = await eventually(stored)
         assert [m["text"] for m in history] == ["count", "one two three four"]
 
 
