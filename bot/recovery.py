@@ -155,6 +155,10 @@ class Recovery:
                         final = reply
             except (Cancelled, EngineUnavailable, StorageUnavailable, TimeoutError) as exc:
                 log.warning("recovery: message %s not answered: %s", message.id, exc)
+                await self.delivery.push(  # the user is told, rather than left waiting
+                    message.conversation_id,
+                    Notice(texts.LOST_ANSWER.format(text=message.text[:200]), NoticeKind.INFO),
+                )
                 return
         if final is not None:
             await self.delivery.push(message.conversation_id, final)

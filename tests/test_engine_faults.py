@@ -16,7 +16,7 @@ import torch
 
 from bot.config import TextSection
 from bot.engine_settings import local_engine_settings
-from bot.engines import EngineUnavailable
+from bot.engines import EngineUnavailable, final_text
 from bot.engines.decoding import BatchDecoder, DecodeRequest
 from bot.engines.text import LocalTextEngine
 from bot.testing.tiny_models import sample_lines
@@ -193,3 +193,21 @@ def test_the_decoder_has_no_transformers_cache_objects() -> None:
         source = Path(module.__file__ or "").read_text(encoding="utf-8")
         assert "past_key_values" not in source and "DynamicCache" not in source
     assert BatchDecoder  # the decoder drives `Gpt2Runner` directly
+
+
+async def test_a_prompt_already_cached_but_its_last_token_prefills_in_a_batch(
+    start_engine: Any,
+) -> None:
+    """The same turns asked again (an answer recovered after a restart, a
+    retried message) reuse all but their last token from the prefix cache:
+    several such rows prefill together with one fresh token each. That
+    batch once failed with a shape error, and every reply in it with it."""
+    engine = await start_engine(batch_wait_ms=50)
+    dialogues = [[line] for line in sample_lines(3)]
+    first = [
+        await final_text(engine, turns, conversation=f"c{i}") for i, turns in enumerate(dialogues)
+    ]
+    again = await asyncio.gather(
+        *(final_text(engine, turns, conversation=f"c{i}") for i, turns in enumerate(dialogues))
+    )
+    assert list(again) == first  # greedy: the same answers, from the cached prefixes

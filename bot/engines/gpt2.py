@@ -280,7 +280,7 @@ class Gpt2Runner:
             qkv = c_attn(h).view(rows, width, 3, heads, dim)
             query, key, value = qkv.unbind(2)
             keys, values = self.keys[layer], self.values[layer]
-            if width == 1:
+            if where[0].dim() == 1:  # decode: one position per row, not a prefill of width 1
                 keys[where[0], :, where[1]] = key[:, 0]
                 values[where[0], :, where[1]] = value[:, 0]
             else:
