@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bot.bench.report import model_line
+from bot.bench.report import model_line, target_lines
 
 MB = 2**20
 
@@ -82,11 +82,7 @@ def format_peers(result: dict[str, Any]) -> str:
     if "memory" in result:
         lines.append(_memory_line(result["memory"]))
     lines += ["", "targets"]
-    for target in result["targets"]:
-        value = target["value"]
-        shown = f"{value:,.2f}" if isinstance(value, float) else f"{value:,}"
-        verdict = "met" if target["met"] else "MISSED"
-        lines.append(f"  [{verdict:>6}] {target['name']}: {shown} (target {target['target']})")
+    lines += target_lines(result["targets"])
     lines.append(f"\n{result['seconds']:.0f} s in all")
     return "\n".join(lines)
 

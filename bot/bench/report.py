@@ -122,13 +122,25 @@ def format_report(result: dict[str, Any]) -> str:
     if "knowledge" in result:
         lines.append(_knowledge_line(result["knowledge"]))
     lines += ["", "targets"]
-    for target in result["targets"]:
-        value = target["value"]
-        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
-        verdict = "met" if target["met"] else "MISSED"
-        lines.append(f"  [{verdict:>6}] {target['name']}: {shown} (target {target['target']})")
+    lines += target_lines(result["targets"])
     lines.append(f"\n{result['seconds']:.0f} s in all")
     return "\n".join(lines)
+
+
+def target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    """One "[met] name: value (target ...)" line per target, for both reports."""
+    lines = []
+    for target in targets:
+        value = target["value"]
+        if isinstance(value, float):
+            shown = f"{value:,.2f}"
+        elif isinstance(value, int):
+            shown = f"{value:,}"
+        else:
+            shown = str(value)
+        verdict = "met" if target["met"] else "MISSED"
+        lines.append(f"  [{verdict:>6}] {target['name']}: {shown} (target {target['target']})")
+    return lines
 
 
 def write_plot(result: dict[str, Any], path: str | Path) -> Path:
