@@ -107,5 +107,73 @@ def test_bf16_linears_stay_close_to_fp32(tiny_model_dir: Path, model: Any) -> No
     with torch.inference_mode():
         logits = runner.prefill(0, [ids], [0])[0]
     expected = _reference(model, ids)[-1]
-    assert logits.dtype == torch.float32  # attention, cache and LM head stay fp32
+    assert logits.dtype == torch.float32  # computed in bf16, handed back in fp32
     assert (logits - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.fixture(scope="module")
+def bf16_model(tiny_model_dir: Path) -> Any:
+    from bot.engines.gpt2 import quantize_linears
+
+    fast = load_causal_lm(ModelSource(str(tiny_model_dir), "cpu"))[0]
+    quantize_linears(fast, "bf16")
+    return fast
+
+
+def _close(logits: torch.Tensor, expected: torch.Tensor) -> None:
+    """bf16 logits against fp32 ones: within 2% of the largest, and the same
+    distribution to within a total variation of 1%."""
+    assert (logits - expected).abs().max() < 0.02 * expected.abs().max()
+    variation = (logits.softmax(-1) - expected.softmax(-1)).abs().sum(-1) / 2
+    assert variation.max() < 0.01
+
+
+def test_bf16_runner_computes_in_bf16_and_stays_close_to_fp32(model: Any, bf16_model: Any) -> None:
+    """Prefill and decode with bf16 products, attention and cache (what
+    text.quantize = "auto" runs on a CPU with AMX): the logits of rows of
+    different lengths in one batch stay close to transformers' fp32 ones."""
+    from bot.engines.gpt2 import runs_bf16
+
+    if not runs_bf16(bf16_model):
+        pytest.skip("this torch has no oneDNN")
+    torch.manual_seed(1)
+    vocab = model.config.vocab_size
+    rows = [torch.randint(0, vocab, (n,)).tolist() for n in (3, 30, 11)]
+    runner = Gpt2Runner(bf16_model, slots=4, max_len=64, device=torch.device("cpu"))
+    assert runner.half and runner.keys.dtype == torch.bfloat16
+    assert runner.nbytes == 4 * Gpt2Runner.slot_bytes(bf16_model, 64)  # half an fp32 slot
+    with torch.inference_mode():
+        logits = runner.prefill(0, [ids[:-2] for ids in rows], [0, 0, 0])
+        assert logits.dtype == torch.float32
+        for index, ids in enumerate(rows):
+            _close(logits[index], _reference(model, ids)[len(ids) - 3])
+        for step in (2, 1):
+            tokens = torch.tensor([ids[-step] for ids in rows])
+            positions = torch.tensor([len(ids) - step for ids in rows])
+            logits = runner.decode(tokens, positions)
+            for index, ids in enumerate(rows):
+                _close(logits[index], _reference(model, ids)[-step])
+
+
+def test_bf16_cached_prefix_moved_slot_and_batch_stay_close(model: Any, bf16_model: Any) -> None:
+    """The bf16 cache exported, loaded into another slot and moved gives the
+    logits recomputation gives; a row decoded in a batch stays close to the
+    same row decoded alone."""
+    torch.manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (24,)).tolist()
+    runner = Gpt2Runner(bf16_model, slots=3, max_len=64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        runner.prefill(0, [ids[:16]], [0])
+        prefix = runner.export(0, 16)
+        assert prefix.dtype == runner.keys.dtype
+        runner.load(2, prefix)
+        logits = runner.prefill(2, [ids[16:]], [16])
+        _close(logits[0], _reference(model, ids)[-1])
+        runner.move(2, 0, len(ids))
+        alone = runner.decode(torch.tensor([5]), torch.tensor([len(ids)]))[0]
+        _close(alone, _reference(model, [*ids, 5])[-1])
+        other = torch.randint(0, model.config.vocab_size, (40,)).tolist()
+        runner.move(0, 1, len(ids) + 1)
+        runner.prefill(0, [other], [0])  # a longer row in slot 0, ours in slot 1
+        batch = runner.decode(torch.tensor([7, 9]), torch.tensor([40, len(ids) + 1]))
+        _close(batch[1], _reference(model, [*ids, 5, 9])[-1])

@@ -28,6 +28,12 @@ def engine_settings(**values: Any) -> LocalEngineSettings:
 
 @pytest.fixture
 def text_config(tiny_model_dir: Path) -> Callable[..., LocalEngineSettings]:
+    """fp32 unless a test asks otherwise: several tests check that a row decodes
+    exactly as it does alone, which holds in fp32; in bf16 (what "auto" picks on
+    a CPU with AMX) a batch can change a kernel's accumulation order and flip a
+    near-tie of greedy decoding (tests/test_engine_gpt2.py bounds that
+    difference)."""
+
     def factory(**values: Any) -> LocalEngineSettings:
         settings = {
             "model": str(tiny_model_dir),
@@ -35,6 +41,7 @@ def text_config(tiny_model_dir: Path) -> Callable[..., LocalEngineSettings]:
             "greedy": True,
             "max_new_tokens": 16,
             "stream_interval_ms": 0,
+            "quantize": "none",
         }
         settings.update(values)
         return engine_settings(**settings)
@@ -77,7 +84,7 @@ async def test_the_final_chunk_is_empty_when_the_model_says_nothing(
     monkeypatch.setattr(
         BatchDecoder,
         "_next_tokens",
-        lambda self, logits, seen: logits.new_full((logits.shape[0],), eos).long(),
+        lambda self, logits: logits.new_full((logits.shape[0],), eos).long(),
     )
     chunks = [chunk async for chunk in engine.stream(["hello"])]
     assert [(c.text, c.final, c.tokens) for c in chunks] == [("", True, 0)]
@@ -368,10 +375,10 @@ def _without_eos(monkeypatch: pytest.MonkeyPatch, eos: int) -> None:
     """Every reply runs to max_new_tokens, so batches overlap predictably."""
     original = BatchDecoder._next_tokens
 
-    def next_tokens(self: BatchDecoder, logits: Any, seen: Any) -> Any:
+    def next_tokens(self: BatchDecoder, logits: Any) -> Any:
         logits = logits.clone()
         logits[:, eos] = float("-inf")
-        return original(self, logits, seen)
+        return original(self, logits)
 
     monkeypatch.setattr(BatchDecoder, "_next_tokens", next_tokens)
 
@@ -447,3 +454,29 @@ async def test_a_request_queued_mid_batch_joins_it_through_the_engine(
         pass
     assert latecomer == alone
     assert engine.decoder.joined == joined + 1
+
+
+async def test_a_bf16_engine_keeps_its_keys_in_bf16_and_reuses_them(
+    text_config: Callable[..., LocalEngineSettings],
+) -> None:
+    """text.quantize = "bf16": the batch's cache and the prefix cache hold bf16
+    keys/values (half the bytes), and a conversation's next turn reuses them."""
+    import torch
+
+    from bot.engines.gpt2 import runs_bf16
+
+    running = LocalTextEngine(text_config(quantize="bf16", kv_cache_mb=32))
+    await running.start()
+    try:
+        runner = running.decoder.runner
+        if not runs_bf16(running.model):
+            pytest.skip("this torch has no oneDNN")
+        assert runner.half and runner.keys.dtype == torch.bfloat16
+        first = await running.generate(["hello there"], conversation="c")
+        second = await running.generate(["hello there", first, "and you?"], conversation="c")
+        assert first and second
+        cache = running.prefix_cache
+        assert cache is not None and cache.hits == 1
+        assert running.kv_bytes == runner.nbytes + cache.bytes_used
+    finally:
+        await running.close()
