@@ -123,6 +123,18 @@ async def test_off_topic_falls_back_and_is_recorded(knowledge: Any, store: Store
     assert metrics.knowledge.labels("unanswered")._value.get() == 3
 
 
+async def test_a_near_miss_is_not_answered_with_its_neighbour(knowledge: Any) -> None:
+    """A question close to an entry that its answer does not answer: a word
+    the entry never comes near ("wrapping") keeps the answer back."""
+    service = await knowledge()
+    (match,) = await service.match(["do you offer gift wrapping?"])
+    assert match.best.id == "gift_cards"  # the classifier alone is sure of it
+    decision = await service.decide(ME, "do you offer gift wrapping?", None)
+    assert decision.kind != "answer", match.score
+    decision = await service.decide(ME, "can I buy a gift card for my sister?", None)
+    assert decision.source == Source("faq", "gift_cards")
+
+
 async def test_fallback_human_escalates(knowledge: Any) -> None:
     service = await knowledge(fallback="human")
     decision = await service.decide(ME, "What's the capital of Peru?", None)

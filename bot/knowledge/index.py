@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from bot.knowledge.coverage import faq_vocabulary
 from bot.knowledge.faq import FaqEntry, FaqFile
 
 log = logging.getLogger(__name__)
 
 #: Bump when what is cached (or how it is computed) changes.
-INDEX_VERSION = 4
+INDEX_VERSION = 5
 #: Inverse L2 strength of the classifier (chosen on examples/faq-dev.jsonl).
 CLASSIFIER_C = 10.0
 #: Cache files kept (the newest); older ones are removed.
@@ -69,6 +70,12 @@ class FaqIndex:
     #: grow with the number of entries and of questions per entry; dividing by
     #: this keeps one calibration (and one threshold) right for FAQs of any size.
     reference: float
+    #: Every content word of the FAQ (`coverage.faq_vocabulary`), embedded alone;
+    #: entry k's words are `word_members[word_offsets[k]:word_offsets[k + 1]]`.
+    vocabulary: tuple[str, ...]
+    word_vectors: Vectors
+    word_offsets: npt.NDArray[np.int64]
+    word_members: npt.NDArray[np.int64]
 
     @property
     def entries(self) -> tuple[FaqEntry, ...]:
@@ -134,10 +141,32 @@ async def build_index(faq: FaqFile, embed: Embed) -> FaqIndex:
     question_vectors = await embed(questions)
     answer_vectors = await embed([entry.answer for entry in faq.entries])
     small_talk = await embed(SMALL_TALK) if len(faq.entries) == 1 else answer_vectors[:0]
+    vocabulary, members = faq_vocabulary(faq)
+    word_vectors = await embed(vocabulary) if vocabulary else answer_vectors[:0]
     coef, intercept, reference = await asyncio.to_thread(
         train_classifier, question_vectors, labels, answer_vectors, small_talk
     )
-    return FaqIndex(faq, question_vectors, labels, answer_vectors, coef, intercept, reference)
+    offsets, flat = flatten(members)
+    return FaqIndex(
+        faq,
+        question_vectors,
+        labels,
+        answer_vectors,
+        coef,
+        intercept,
+        reference,
+        vocabulary,
+        word_vectors,
+        offsets,
+        flat,
+    )
+
+
+def flatten(members: list[list[int]]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Lists of word positions as (offsets, members) arrays (CSR style)."""
+    offsets = np.cumsum([0, *map(len, members)]).astype(np.int64)
+    flat = np.array([i for entry in members for i in entry], dtype=np.int64)
+    return offsets, flat
 
 
 class IndexCache:
@@ -162,6 +191,10 @@ class IndexCache:
                     data["coef"].astype(np.float32),
                     data["intercept"].astype(np.float32),
                     float(data["reference"]),
+                    tuple(str(word) for word in data["vocabulary"]),
+                    data["word_vectors"].astype(np.float32),
+                    data["word_offsets"].astype(np.int64),
+                    data["word_members"].astype(np.int64),
                 )
         except FileNotFoundError:
             return None
@@ -169,8 +202,11 @@ class IndexCache:
             log.warning("ignoring the unreadable FAQ index cache %s: %s", path, exc)
             return None
         questions = sum(len(entry.questions) for entry in faq.entries)
-        if len(index.question_vectors) != questions or len(index.answer_vectors) != len(
-            faq.entries
+        if (
+            len(index.question_vectors) != questions
+            or len(index.answer_vectors) != len(faq.entries)
+            or len(index.word_offsets) != len(faq.entries) + 1
+            or len(index.word_vectors) != len(index.vocabulary)
         ):
             log.warning("ignoring the FAQ index cache %s: it does not match the file", path)
             return None
@@ -192,6 +228,10 @@ class IndexCache:
                     coef=index.coef,
                     intercept=index.intercept,
                     reference=np.array(index.reference),
+                    vocabulary=np.array(index.vocabulary, dtype=str),
+                    word_vectors=index.word_vectors,
+                    word_offsets=index.word_offsets,
+                    word_members=index.word_members,
                 )
             os.replace(temporary, path)
         except OSError as exc:

@@ -1,29 +1,41 @@
 """From a message's embedding to a decision: answer, suggest, or fall back.
 
-The score an entry gets is `sigmoid(SLOPE * logit / reference + OFFSET)`,
-where `logit` is the FAQ classifier's centred logit for it and `reference`
-the median top logit over the FAQ's own questions (`FaqIndex.reference`).
-SLOPE and OFFSET were fitted on examples/faq-dev.jsonl, over random subsets of
-the FAQ's entries and of their questions (so that they hold for FAQs of other
-sizes), to estimate the probability that the top entry is the right one:
-`answer_threshold = 0.6` means "answer when at least 60% sure".
+The classifier ranks the entries; each of the first few then gets a score,
+`sigmoid(W · features + B)`, that estimates the chance that it is the entry
+the message asks about (`answer_threshold = 0.65`: "answer when at least 65%
+sure"). The features, all free of the FAQ's size:
+
+* `logit`: the entry's centred classifier logit over `FaqIndex.reference`,
+  the median top logit on the FAQ's own questions;
+* `margin`: its lead over the best other entry, on the same scale;
+* `answer`: the cosine between the message and the entry's answer;
+* `coverage`: how well the entry covers the message's worst-covered word
+  (`bot.knowledge.coverage`), which is what gives a near miss away.
+
+W and B come from `python -m bot.knowledge.calibration` on
+examples/faq-dev.jsonl, over random subsets of the FAQ's entries and of their
+questions (an entry left out turns its questions into near misses, and the
+fit holds for FAQs of other sizes); docs/KNOWLEDGE.md has the measurements.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from bot.knowledge.coverage import EntryWords, MessageWords
 from bot.knowledge.faq import FaqEntry
 from bot.knowledge.index import FaqIndex, Vectors
 
-#: Calibration of the classifier's top logit (see the module docstring).
-SLOPE = 13.98
-OFFSET = -7.83
-#: At most this many questions are offered in "Did you mean ...?".
+#: Calibration weights of (logit, margin, answer, coverage), and the bias.
+WEIGHTS = (5.878, 1.526, 3.151, 2.755)
+BIAS = -7.007
+#: At most this many questions are offered in "Did you mean ...?"; only these
+#: entries are scored (the others get 0.0).
 MAX_SUGGESTIONS = 3
 
 
@@ -42,24 +54,47 @@ class Match:
         return self.ranked[0][1]
 
 
-def calibrate(logit: float, reference: float) -> float:
-    return 1.0 / (1.0 + math.exp(-(SLOPE * logit / reference + OFFSET)))
+def features(
+    logits: Vectors, order: Sequence[int], k: int, reference: float, answer: float, coverage: float
+) -> tuple[float, float, float, float]:
+    """The calibration features of entry `k` for one message (see the module doc)."""
+    best_other = logits[order[1]] if order[0] == k else logits[order[0]]
+    if len(order) == 1:
+        best_other = 0.0
+    return (
+        float(logits[k]) / reference,
+        float(logits[k] - best_other) / reference,
+        answer,
+        coverage,
+    )
 
 
-def rank(index: FaqIndex, vectors: Vectors) -> list[Match]:
+def calibrate(values: Sequence[float]) -> float:
+    z = BIAS + sum(w * v for w, v in zip(WEIGHTS, values, strict=True))
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def rank(
+    index: FaqIndex,
+    vectors: Vectors,
+    messages: Sequence[MessageWords],
+    entry_words: Sequence[EntryWords],
+) -> list[Match]:
     """One `Match` per row of `vectors` (embeddings of normalised messages)."""
     logits = index.logits(vectors)
+    answers = vectors @ index.answer_vectors.T
     matches = []
-    for row in logits:
-        order = np.argsort(-row, kind="stable")
-        matches.append(
-            Match(
-                tuple(
-                    (index.entries[int(k)], calibrate(float(row[k]), index.reference))
-                    for k in order
-                )
-            )
-        )
+    for row, answer_row, message in zip(logits, answers, messages, strict=True):
+        order = [int(k) for k in np.argsort(-row, kind="stable")]
+        ranked = []
+        for place, k in enumerate(order):
+            score = 0.0
+            if place < MAX_SUGGESTIONS:
+                coverage = entry_words[k].coverage(message.words, message.vectors)
+                values = features(row, order, k, index.reference, float(answer_row[k]), coverage)
+                score = calibrate(values)
+            ranked.append((index.entries[k], score))
+        matches.append(Match(tuple(ranked)))
     return matches
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bot.knowledge.coverage import WordTable, content_words
 from bot.knowledge.embedder import Embedder, Vectors
 from bot.knowledge.faq import FaqEntry, FaqFile, KnowledgeError, load_faq
 from bot.knowledge.index import FaqIndex, IndexCache, build_index
@@ -42,6 +43,7 @@ class _Loaded:
     index: FaqIndex
     normalizer: Normalizer
     signature: tuple[int, int]
+    words: WordTable
 
 
 def _signature(path: Path) -> tuple[int, int]:
@@ -148,7 +150,7 @@ class KnowledgeService:
         texts = [q for entry in faq.entries for q in entry.questions]
         texts += [entry.answer for entry in faq.entries]
         normalizer = await asyncio.to_thread(Normalizer, texts, self._vocabulary())
-        return _Loaded(index, normalizer, signature)
+        return _Loaded(index, normalizer, signature, WordTable(index))
 
     def _vocabulary(self) -> frozenset[str]:
         tokenizer = self.embedder.tokenizer
@@ -185,10 +187,10 @@ class KnowledgeService:
                 faq = await asyncio.to_thread(load_faq, self.path)
             except KnowledgeError as exc:
                 log.error("%s; keeping the previous FAQ", exc)
-                self._loaded = _Loaded(loaded.index, loaded.normalizer, signature)
+                self._loaded = _Loaded(loaded.index, loaded.normalizer, signature, loaded.words)
                 return False
             if faq.digest == loaded.index.faq.digest:
-                self._loaded = _Loaded(loaded.index, loaded.normalizer, signature)
+                self._loaded = _Loaded(loaded.index, loaded.normalizer, signature, loaded.words)
                 return False
             self._loaded = await self._load(faq, signature)
             self.rebuilds += 1
@@ -205,8 +207,13 @@ class KnowledgeService:
             raise KnowledgeError("the knowledge base is not started")
         # typo lookups cost up to a few ms per unknown word: not on the event loop
         cleaned = await asyncio.to_thread(lambda: [loaded.normalizer(text) for text in texts])
-        vectors: Vectors = await self.embedder.embed(cleaned)
-        return rank(loaded.index, vectors)
+        words = [content_words(text) for text in cleaned]
+        unseen = loaded.words.unseen(words)
+        # one batch: the messages and their words the table has not embedded yet
+        vectors: Vectors = await self.embedder.embed([*cleaned, *unseen])
+        loaded.words.add(unseen, vectors[len(cleaned) :])
+        messages = [loaded.words.message(message_words) for message_words in words]
+        return rank(loaded.index, vectors[: len(cleaned)], messages, loaded.words.entries)
 
     async def decide(
         self, incoming: Incoming, text: str, previous: Source | None

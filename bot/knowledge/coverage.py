@@ -1,0 +1,153 @@
+"""Word coverage: does an entry speak of everything a message asks about?
+
+A near miss shares most of its meaning with an entry and asks about one thing
+the entry never mentions: "do you gift wrap?" against the gift card entry,
+"how do I return a library book?" against returns. Its sentence embedding
+sits close to the entry, so the classifier is confident; what gives it away
+is a word that nothing in the entry comes close to ("wrap", "library").
+
+An entry's coverage of a message is the worst-covered content word of the
+message: 1.0 for a word the entry itself uses (after a light stem), else the
+best cosine between the word's embedding and the embeddings of the entry's
+words. Words are embedded alone by the same sentence model; the FAQ's are
+embedded once, with the index.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from bot.knowledge.faq import FaqFile
+from bot.knowledge.text import STOPWORDS, stem, words
+
+if TYPE_CHECKING:
+    from bot.knowledge.index import FaqIndex
+
+Vectors = npt.NDArray[np.float32]
+
+#: Embeddings of words outside the FAQ kept for later messages (most recent).
+WORD_CACHE = 20_000
+#: Words this short say too little about a topic ("fee" still counts).
+MIN_LETTERS = 3
+#: Words that never carry a topic, beyond the FAQ text's stopwords.
+FUNCTION_WORDS = STOPWORDS | frozenset(
+    """they them their theirs he him his she her hers itself myself yourself ours
+    because while until over under again once more most other such only own same
+    now really okay ok hey hello hi thanks""".split()
+)
+
+
+def content_words(text: str) -> list[str]:
+    """The words of `text` that carry its topic, in order, each once."""
+    seen: dict[str, None] = {}
+    for word in words(text):
+        if len(word) >= MIN_LETTERS and word not in FUNCTION_WORDS and not word.isdigit():
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def faq_vocabulary(faq: FaqFile) -> tuple[tuple[str, ...], list[list[int]]]:
+    """(every content word of the FAQ, sorted; per entry the positions of its
+    words in that list), from each entry's questions and answer."""
+    per_entry = [content_words(" ".join((*entry.questions, entry.answer))) for entry in faq.entries]
+    vocabulary = tuple(sorted({word for entry_words in per_entry for word in entry_words}))
+    position = {word: number for number, word in enumerate(vocabulary)}
+    return vocabulary, [sorted(position[word] for word in entry) for entry in per_entry]
+
+
+def _same_root(a: str, b: str) -> bool:
+    """A shared start of five letters or more, covering most of the shorter word."""
+    shorter = min(len(a), len(b))
+    if shorter < 5 or a[:5] != b[:5]:
+        return False
+    shared = 5
+    while shared < shorter and a[shared] == b[shared]:
+        shared += 1
+    return shared >= 0.75 * shorter
+
+
+@dataclass(frozen=True, slots=True)
+class EntryWords:
+    """One entry's words: their stems for exact hits and their embeddings."""
+
+    stems: frozenset[str]
+    vectors: Vectors
+
+    def uses(self, word: str) -> bool:
+        """The entry has this word, an inflection of it or another spelling
+        ("programme" for "program", "canceled" for "cancelled")."""
+        root = stem(word)
+        return root in self.stems or any(_same_root(root, other) for other in self.stems)
+
+    def coverage(self, message_words: Sequence[str], vectors: Vectors) -> float:
+        """The worst-covered word's score (1.0 when `message_words` is empty);
+        `vectors[i]` is the embedding of `message_words[i]`."""
+        worst = 1.0
+        for word, vector in zip(message_words, vectors, strict=True):
+            if self.uses(word):
+                continue
+            best = float((self.vectors @ vector).max()) if len(self.vectors) else 0.0
+            worst = min(worst, best)
+        return worst
+
+
+class WordTable:
+    """Word embeddings for coverage: the FAQ's (from the index) and, in a
+    bounded cache, those of words customers used that the FAQ does not."""
+
+    def __init__(self, index: FaqIndex) -> None:
+        vocabulary, vectors = index.vocabulary, index.word_vectors
+        self._faq: dict[str, Vectors] = {w: vectors[n] for n, w in enumerate(vocabulary)}
+        self._other: OrderedDict[str, Vectors] = OrderedDict()
+        offsets, members = index.word_offsets, index.word_members
+        self.entries = [
+            EntryWords(
+                frozenset(stem(vocabulary[int(i)]) for i in members[offsets[k] : offsets[k + 1]]),
+                vectors[members[offsets[k] : offsets[k + 1]]],
+            )
+            for k in range(len(offsets) - 1)
+        ]
+
+    def unseen(self, messages: Sequence[Sequence[str]]) -> list[str]:
+        """The words of `messages` that have no embedding here yet, each once."""
+        wanted = {
+            word: None
+            for words_of_one in messages
+            for word in words_of_one
+            if word not in self._faq and word not in self._other
+        }
+        return list(wanted)
+
+    def add(self, words_: Sequence[str], vectors: Vectors) -> None:
+        for word, vector in zip(words_, vectors, strict=True):
+            self._other[word] = vector
+        while len(self._other) > WORD_CACHE:
+            self._other.popitem(last=False)
+
+    def vector(self, word: str) -> Vectors:
+        known = self._faq.get(word)
+        if known is not None:
+            return known
+        vector = self._other[word]
+        self._other.move_to_end(word)
+        return vector
+
+    def message(self, words_: Sequence[str]) -> MessageWords:
+        width = len(next(iter(self._faq.values()))) if self._faq else 0
+        rows = [self.vector(word) for word in words_]
+        stacked = np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
+        return MessageWords(tuple(words_), stacked)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageWords:
+    """A message's content words and their embeddings (for coverage)."""
+
+    words: tuple[str, ...]
+    vectors: Vectors

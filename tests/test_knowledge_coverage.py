@@ -1,0 +1,143 @@
+"""Word coverage (bot.knowledge.coverage) and the calibration tool that fits
+the score on top of it. The pure parts use hand-made vectors; the tool runs
+on the shipped embedding model (loading it takes about two seconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bot.knowledge.coverage as coverage
+from bot.knowledge.coverage import EntryWords, WordTable, content_words, faq_vocabulary
+from bot.knowledge.faq import FaqEntry, FaqFile
+from bot.knowledge.index import FaqIndex, flatten
+from bot.knowledge.matching import calibrate, features
+
+
+def unit(*values: float) -> np.ndarray:
+    vector = np.array(values, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def test_content_words_drop_stopwords_short_words_numbers_and_repeats() -> None:
+    assert content_words("How do I return my 2 lamps? Return them, pls!") == ["return", "lamps"]
+    assert content_words("hi, is it ok?") == []
+
+
+def test_the_vocabulary_lists_each_entrys_words() -> None:
+    faq = FaqFile(
+        Path("faq.toml"),
+        (
+            FaqEntry("a", ("Refund status",), "Refunds take five days."),
+            FaqEntry("b", ("Gift cards?",), "Gift cards never expire."),
+        ),
+        "digest",
+    )
+    vocabulary, members = faq_vocabulary(faq)
+    assert vocabulary == ("cards", "days", "expire", "five", "gift", "never", "refund", "refunds",
+                          "status", "take")  # fmt: skip
+    assert [[vocabulary[i] for i in entry] for entry in members] == [
+        ["days", "five", "refund", "refunds", "status", "take"],
+        ["cards", "expire", "gift", "never"],
+    ]
+    offsets, flat = flatten(members)
+    assert offsets.tolist() == [0, 6, 10] and flat.tolist() == [*members[0], *members[1]]
+
+
+def test_an_entry_covers_its_words_inflections_and_spellings() -> None:
+    words = EntryWords(frozenset({"program", "cancel", "return"}), np.zeros((0, 2), np.float32))
+    for word in ("program", "programme", "returns", "returned", "cancelled", "canceled"):
+        assert words.uses(word), word
+    for word in ("wrapping", "prog", "retail"):
+        assert not words.uses(word), word
+
+
+def test_coverage_is_the_worst_covered_word() -> None:
+    entry = EntryWords(frozenset({"gift"}), np.stack([unit(1, 0, 0), unit(0, 1, 0)]))
+    near, far = unit(1, 0.2, 0), unit(0, 0, 1)
+    assert entry.coverage([], np.zeros((0, 3), np.float32)) == 1.0
+    assert entry.coverage(["gift"], np.stack([far])) == 1.0  # its own word: no vector needed
+    assert entry.coverage(["gifts", "present"], np.stack([far, near])) == pytest.approx(
+        float(near @ unit(1, 0, 0))
+    )
+    assert entry.coverage(["present", "wrapping"], np.stack([near, far])) == pytest.approx(0.0)
+
+
+def _index(vocabulary: tuple[str, ...], vectors: np.ndarray, members: list[list[int]]) -> FaqIndex:
+    entries = tuple(FaqEntry(f"e{k}", ("q",), "a") for k in range(len(members)))
+    offsets, flat = flatten(members)
+    empty = np.zeros((0, vectors.shape[1]), np.float32)
+    return FaqIndex(
+        FaqFile(Path("faq.toml"), entries, "d"),
+        empty,
+        np.zeros(0, np.int64),
+        np.zeros((len(entries), vectors.shape[1]), np.float32),
+        np.zeros((len(entries), vectors.shape[1]), np.float32),
+        np.zeros(len(entries), np.float32),
+        1.0,
+        vocabulary,
+        vectors,
+        offsets,
+        flat,
+    )
+
+
+def test_the_word_table_embeds_each_new_word_once_and_forgets_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = WordTable(_index(("gift", "card"), np.stack([unit(1, 0), unit(0, 1)]), [[0, 1]]))
+    assert [sorted(entry.stems) for entry in table.entries] == [["card", "gift"]]
+    assert table.unseen([["gift", "wrap", "paper"], ["wrap"]]) == ["wrap", "paper"]
+    table.add(["wrap", "paper"], np.stack([unit(1, 1), unit(1, -1)]))
+    assert table.unseen([["gift", "wrap", "paper"]]) == []
+    message = table.message(["gift", "paper"])
+    assert message.words == ("gift", "paper") and message.vectors.shape == (2, 2)
+    assert np.allclose(message.vectors[1], unit(1, -1))
+    assert table.message([]).vectors.shape == (0, 2)
+    monkeypatch.setattr(coverage, "WORD_CACHE", 2)
+    table.message(["wrap"])  # used most recently: "paper" is now the oldest
+    table.add(["ribbon"], np.stack([unit(2, 1)]))
+    assert table.unseen([["wrap", "paper", "ribbon"]]) == ["paper"]
+
+
+def test_the_score_rises_with_the_logit_the_lead_and_the_coverage() -> None:
+    logits = np.array([2.0, 0.5, -1.0], np.float32)
+    order = [0, 1, 2]
+    sure = calibrate(features(logits, order, 0, 1.0, 0.6, 1.0))
+    assert 0.9 < sure < 1.0
+    assert calibrate(features(logits, order, 0, 1.0, 0.6, 0.3)) < sure  # a word not covered
+    assert calibrate(features(logits, order, 0, 2.0, 0.6, 1.0)) < sure  # a weaker logit
+    assert calibrate(features(logits, order, 1, 1.0, 0.6, 1.0)) < 0.5  # the runner-up
+    assert features(logits, order, 1, 1.0, 0.6, 1.0)[1] == pytest.approx(-1.5)
+
+
+def test_the_calibration_tool_fits_weights_on_labelled_questions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.knowledge.calibration import main
+
+    faq = tmp_path / "faq.toml"
+    faq.write_text(
+        '[[faq]]\nid = "returns"\nquestions = ["How do I return an item?", "Can I send it back?"]\n'
+        'answer = "Return unused items within 30 days with the free label."\n'
+        '[[faq]]\nid = "gift_cards"\nquestions = ["Do you sell gift cards?", "Gift voucher?"]\n'
+        'answer = "Gift cards from $10 are sold online and never expire."\n'
+        '[[faq]]\nid = "shipping"\nquestions = ["How long is delivery?", "When will it arrive?"]\n'
+        'answer = "Orders arrive in 3 to 5 working days."\n'
+    )
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        '{"text": "i want to send back a lamp", "faq": "returns"}\n'
+        '{"text": "can I buy a voucher for a friend", "faq": "gift_cards"}\n'
+        '{"text": "how many days until my parcel comes", "faq": "shipping"}\n'
+        '{"text": "do you gift wrap?", "faq": null}\n'
+        '{"text": "what is the capital of peru", "faq": null}\n'
+    )
+    main(["--faq", str(faq), "--questions", str(questions), "--rounds", "3"])
+    out = capsys.readouterr().out
+    assert "# 15 samples" in out
+    weights = next(line for line in out.splitlines() if line.startswith("WEIGHTS = ("))
+    assert len(weights.split(",")) == 4
+    assert "BIAS = " in out and "cross-validated" in out
