@@ -177,3 +177,59 @@ def test_bf16_cached_prefix_moved_slot_and_batch_stay_close(model: Any, bf16_mod
         runner.prefill(0, [other], [0])  # a longer row in slot 0, ours in slot 1
         batch = runner.decode(torch.tensor([7, 9]), torch.tensor([40, len(ids) + 1]))
         _close(batch[1], _reference(model, [*ids, 5, 9])[-1])
+
+
+def test_a_decode_step_with_prefills_in_the_same_pass(model: Any) -> None:
+    """Rows joining a running batch are prefilled in the decode step's pass:
+    each row's logits are those of transformers, the decoding rows' and the
+    joining rows' (two groups of different widths, one of them after a cached
+    prefix) alike."""
+    torch.manual_seed(3)
+    vocab = model.config.vocab_size
+    running = [torch.randint(0, vocab, (n,)).tolist() for n in (9, 20)]
+    joining = [torch.randint(0, vocab, (n,)).tolist() for n in (4, 6, 17)]
+    runner = Gpt2Runner(model, slots=5, max_len=64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        runner.prefill(0, [ids[:-1] for ids in running], [0, 0])
+        runner.prefill(4, [joining[2][:10]], [0])  # a cached prefix of the third newcomer
+        logits = runner.decode(
+            torch.tensor([ids[-1] for ids in running]),
+            torch.tensor([len(ids) - 1 for ids in running]),
+            [(2, joining[:2], [0, 0]), (4, [joining[2][10:]], [10])],
+        )
+    assert logits.shape == (5, vocab)
+    for index, ids in enumerate(running + joining):
+        assert torch.allclose(logits[index], _reference(model, ids)[-1], atol=ATOL)
+
+
+def test_padded_token_counts_are_few_and_close() -> None:
+    """oneDNN compiles a kernel per row count: a pass's tokens are rounded up
+    to one of a few sizes, never by more than an eighth."""
+    from bot.engines.gpt2 import _padded
+
+    sizes = [_padded(tokens) for tokens in range(1, 8193)]
+    assert sizes[:64] == list(range(1, 65))  # decode steps run as they are
+    assert all(size >= tokens and size <= tokens * 1.125 for tokens, size in enumerate(sizes, 1))
+    assert sizes == sorted(sizes) and len(set(sizes)) < 130
+
+
+def test_a_padded_bf16_pass_with_prefills_stays_close(model: Any, bf16_model: Any) -> None:
+    """A bf16 pass of more than 64 tokens is padded: the padding rows change
+    nothing in the real rows' logits or cache."""
+    torch.manual_seed(4)
+    vocab = model.config.vocab_size
+    running = [torch.randint(0, vocab, (n,)).tolist() for n in (9, 20)]
+    joining = [torch.randint(0, vocab, (n,)).tolist() for n in (37, 33)]  # 2 + 74 tokens
+    runner = Gpt2Runner(bf16_model, slots=4, max_len=64, device=torch.device("cpu"))
+    with torch.inference_mode():
+        runner.prefill(0, [ids[:-1] for ids in running], [0, 0])
+        logits = runner.decode(
+            torch.tensor([ids[-1] for ids in running]),
+            torch.tensor([len(ids) - 1 for ids in running]),
+            [(2, joining, [0, 0])],
+        )
+        for index, ids in enumerate(running + joining):
+            _close(logits[index], _reference(model, ids)[-1])
+        step = runner.decode(torch.tensor([3] * 4), torch.tensor([9, 20, 37, 33]))
+        for index, ids in enumerate(running + joining):
+            _close(step[index], _reference(model, [*ids, 3])[-1])

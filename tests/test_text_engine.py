@@ -415,9 +415,9 @@ async def test_latecomers_join_a_running_batch_and_it_stays_narrow(
     widths: list[int] = []
     decode = runner.decode
 
-    def spy(tokens: Any, positions: Any) -> Any:
+    def spy(tokens: Any, positions: Any, prefills: Any = ()) -> Any:
         widths.append(int(positions.max()) + 1)  # the keys one step attends over
-        return decode(tokens, positions)
+        return decode(tokens, positions, prefills)
 
     monkeypatch.setattr(runner, "decode", spy)
     together: dict[int, str] = {}

@@ -2,14 +2,16 @@
 
 Each iteration of `BatchDecoder.run`:
 
-1. admits requests that arrived meanwhile into free slots and prefills them
-   (copying a conversation's cached keys/values from the prefix cache first,
-   so only the new tokens are encoded);
-2. samples every row's next token;
-3. retires rows that are done (EOS, the token limit, or cancelled: their
+1. admits requests that arrived meanwhile into free slots (copying a
+   conversation's cached keys/values from the prefix cache first, so only
+   the new tokens are encoded);
+2. runs one forward pass: every running row is fed its last token and the
+   newcomers' prompts are encoded, together (a newcomer costs its tokens,
+   not a pass of its own);
+3. samples every row's next token;
+4. retires rows that are done (EOS, the token limit, or cancelled: their
    keys/values go to the prefix cache) and fills the holes with rows from
-   the end, so rows 0..n-1 always occupy slots 0..n-1;
-4. feeds every remaining row its token in one decode step.
+   the end, so rows 0..n-1 always occupy slots 0..n-1.
 
 A short answer never pays for a long one, and a latecomer waits one step,
 not a whole batch. Runs only on the engine's worker thread.
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bot.engines.gpt2 import Gpt2Runner
+from bot.engines.gpt2 import Gpt2Runner, Prefill
 from bot.engines.prefix_cache import PrefixCache
 from bot.engines.settings import SamplingSettings
 
@@ -130,14 +132,15 @@ class BatchDecoder:
 
     # -- the batch -------------------------------------------------------------
 
-    def _prefill(
+    def _place(
         self, requests: Sequence[DecodeRequest], first_slot: int
-    ) -> tuple[list[_Row], torch.Tensor]:
-        """Put each request in its slot (cached prefix first) and encode the rest.
+    ) -> tuple[list[_Row], list[Prefill]]:
+        """Put each request in its slot (cached prefix first); returns the rows in
+        slot order and the prefills that encode the rest of their prompts.
 
         Rows are encoded in groups of similar length, shortest first: a row
         whose prefix was cached (a few new tokens) is not padded to the width
-        of one that missed (a whole prompt). Returns the rows in slot order."""
+        of one that missed (a whole prompt)."""
         looked = []
         for request in requests:
             reuse, layers = self.cache.lookup(request.cache_key, request.prompt_ids)
@@ -148,18 +151,18 @@ class BatchDecoder:
                 self.runner.load(first_slot + offset, layers)
             self.prefilled_tokens += len(request.prompt_ids) - reuse
         self._seen[first_slot : first_slot + len(looked)] = 0.0
-        outputs = []
+        prefills: list[Prefill] = []
         for start, end in _length_groups([len(r.prompt_ids) - reuse for r, reuse, _ in looked]):
             group = looked[start:end]
-            outputs.append(
-                self.runner.prefill(
+            prefills.append(
+                (
                     first_slot + start,
                     [request.prompt_ids[reuse:] for request, reuse, _ in group],
                     [reuse for _, reuse, _ in group],
                 )
             )
         rows = [_Row(request, list(request.prompt_ids)) for request, _, _ in looked]
-        return rows, outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return rows, prefills
 
     def _emit(self, row: _Row, done: bool) -> None:
         if not done:
@@ -184,7 +187,7 @@ class BatchDecoder:
         batch between steps (continuous batching); `admit(room)` returns at most
         `room` of them without blocking."""
         rows: list[_Row] = []
-        logits: torch.Tensor | None = None
+        tokens: list[int] = []  # each row's token sampled last, not yet fed
         pending = collections.deque(requests)
         while True:
             room = self.max_rows - len(rows)
@@ -198,17 +201,13 @@ class BatchDecoder:
                 if rows:
                     self.joined += len(latecomers)
                 joining += latecomers
-            if joining:
-                new_rows, new_logits = self._prefill(joining, len(rows))
-                rows += new_rows
-                logits = new_logits if logits is None else torch.cat([logits, new_logits])
-            if logits is None:
+            if not rows and not joining:
                 if pending:
                     continue
                 return
+            rows, logits = self._advance(rows, tokens, joining)
             tokens = self._sample(rows, logits)
             rows, tokens = self._retire(rows, tokens)
-            logits = self._advance(rows, tokens) if rows else None
 
     def _retire(self, rows: list[_Row], tokens: list[int]) -> tuple[list[_Row], list[int]]:
         """Record each row's token; retire finished rows and compact the rest into
@@ -249,8 +248,16 @@ class BatchDecoder:
             order = sorted(order, key=lambda index: placed.get(index, index))
         return [rows[i] for i in order], [tokens[i] for i in order]
 
-    def _advance(self, rows: list[_Row], tokens: list[int]) -> torch.Tensor:
-        """Feed every row its new token: one forward pass for the whole batch."""
+    def _advance(
+        self, rows: list[_Row], tokens: list[int], joining: Sequence[DecodeRequest]
+    ) -> tuple[list[_Row], torch.Tensor]:
+        """One forward pass for the whole batch: every running row is fed its new
+        token and the `joining` requests are prefilled into the slots after
+        them, in the same pass. Returns the rows (the newcomers last) and each
+        one's next-token logits."""
+        new_rows, prefills = self._place(joining, len(rows)) if joining else ([], [])
+        if not rows:
+            return new_rows, self.runner.step(None, None, prefills)
         self.steps += 1
         self.step_rows += len(rows)
         if self.observe_rows is not None:
@@ -260,7 +267,8 @@ class BatchDecoder:
             row.tokens.append(token)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         self._seen[: len(rows)].scatter_(1, ids[:, None], 1.0)
-        return self.runner.decode(ids, torch.tensor(positions, device=self.device))
+        where = torch.tensor(positions, device=self.device)
+        return rows + new_rows, self.runner.decode(ids, where, prefills)
 
 
 #: padding a group may carry, in tokens, before a longer row starts a new group

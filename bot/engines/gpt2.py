@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -193,6 +194,40 @@ def runs_bf16(model: Any) -> bool:
     return bool(linears) and all(isinstance(child, Bf16Conv1D) for child in linears)
 
 
+#: token counts up to this run through oneDNN as they are; above, padded (`_padded`)
+_EXACT_TOKENS = 64
+
+
+def _padded(tokens: int) -> int:
+    """`tokens` rounded up to one of about 8 sizes per doubling (at most 1/8
+    more). oneDNN compiles a kernel for every new row count of a product
+    (0.5-1 ms each here); a batch that admits rows as they come would meet a
+    new count at nearly every step that carries a prefill."""
+    if tokens <= _EXACT_TOKENS:
+        return tokens
+    quantum = 1 << (tokens.bit_length() - 4)
+    return -(-tokens // quantum) * quantum
+
+
+#: a prefill: `(first_slot, fresh token ids per row, start position per row)`
+Prefill = tuple[int, Sequence[Sequence[int]], Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """Rows of one forward pass that attend alike: `rows` rows of `width` new
+    tokens each (1 for a decode step) at tokens `offset`.. of the pass, in slots
+    `first_slot`.., attending over the first `span` positions as `visible`
+    (`[rows, 1, width, span]`) allows."""
+
+    offset: int
+    first_slot: int
+    rows: int
+    width: int
+    span: int
+    visible: torch.Tensor
+
+
 class Gpt2Runner:
     """Prefill and decode for up to `slots` rows of at most `max_len` tokens each.
 
@@ -253,9 +288,8 @@ class Gpt2Runner:
         shape = (self.layers, slots, self.heads, max_len + 1, self.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=device)
-        # SDPA's fused kernel wins for prefills, on CUDA, and in bf16 (its bf16
-        # kernel reads the cache at half the bytes); for one fp32 query per row
-        # on the CPU two matmuls beat it
+        # decode steps attend through SDPA on CUDA and in bf16 (its bf16 kernel
+        # reads the cache at half the bytes), through two matmuls in fp32 on the CPU
         self._sdpa_decode = device.type == "cuda" or self.half
 
     def _linear(self, module: Any, activation: str | None = None) -> Linear:
@@ -311,92 +345,151 @@ class Gpt2Runner:
         """Encode row i's `fresh` tokens at positions `starts[i]`.. in slot
         `first_slot + i` (positions before `starts[i]` must hold its cached
         prefix). Returns each row's next-token logits, `[rows, vocab]`."""
-        rows, device = len(fresh), self.device
-        width = max(len(ids) for ids in fresh)
-        ids = torch.zeros((rows, width), dtype=torch.long)
-        positions = torch.full((rows, width), self.max_len, dtype=torch.long)  # pads: scratch
-        for index, (tokens, start) in enumerate(zip(fresh, starts, strict=True)):
-            ids[index, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            positions[index, : len(tokens)] = torch.arange(start, start + len(tokens))
-        ids, positions = ids.to(device), positions.to(device)
-        span = int(max(start + len(tokens) for tokens, start in zip(fresh, starts, strict=True)))
-        # query t of row i sees keys 0 .. starts[i] + t (its prefix and its own past)
-        reach = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
-        visible = torch.arange(span, device=device)[None, None, :] <= reach[:, :, None]
-        slots = torch.arange(first_slot, first_slot + rows, device=device)
-        embed_positions = positions.clamp(max=self.wpe.shape[0] - 1)
-        x = (F.embedding(ids, self.wte) + F.embedding(embed_positions, self.wpe)).view(
-            rows * width, self.width
-        )
+        return self.step(None, None, [(first_slot, fresh, starts)])
 
-        def write(cache: torch.Tensor, new: torch.Tensor) -> None:
-            cache[slots[:, None], :, positions] = new
-
-        hidden = self._blocks(x, (rows, width), write, first_slot, span, visible[:, None])
-        last = torch.tensor([len(tokens) - 1 for tokens in fresh], device=device)
-        hidden = hidden.view(rows, width, self.width)[torch.arange(rows, device=device), last]
-        return self._logits(hidden)
-
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for each of rows 0..n-1 at `positions`; their next-token logits."""
-        rows, device = tokens.shape[0], self.device
-        span = int(positions.max().item()) + 1
-        x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
-        visible = torch.arange(span, device=device)[None, :] <= positions[:, None]
-        # each layer's new keys go to (slot r, head h, position p): one flat index
-        # per (row, head) in a `[slots * heads * positions, dim]` view of the layer
-        base = torch.arange(rows * self.heads, device=device).view(rows, self.heads)
-        flat = (base * (self.max_len + 1) + positions[:, None]).view(-1)
-
-        def write(cache: torch.Tensor, new: torch.Tensor) -> None:
-            cache.view(-1, self.head_dim).index_copy_(0, flat, new.reshape(-1, self.head_dim))
-
-        hidden = self._blocks(x, (rows, 1), write, 0, span, visible[:, None, None])
-        return self._logits(hidden)
-
-    def _blocks(
+    def decode(
         self,
-        x: torch.Tensor,
-        shape: tuple[int, int],
-        write: Callable[[torch.Tensor, torch.Tensor], None],
-        first_slot: int,
-        span: int,
-        visible: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        prefills: Sequence[Prefill] = (),
     ) -> torch.Tensor:
-        """The transformer blocks over `x` (`[rows * width, d_model]`, fp32);
-        `write(layer_cache, new)` stores a layer's new keys or values (`[rows,
-        width, heads, dim]`)."""
-        rows, width = shape
-        heads, dim, d_model = self.heads, self.head_dim, self.width
-        slot_range = slice(first_slot, first_slot + rows)
-        sdpa = self._sdpa_decode or width > 1
-        hidden = visible.logical_not()
-        if sdpa:  # an additive mask, built once: given a bool one, SDPA converts it per layer
-            hidden = torch.zeros(visible.shape, dtype=self.dtype, device=x.device).masked_fill_(
-                hidden, -math.inf
+        """One token for each of rows 0..n-1 at `positions`, and with them in the
+        same pass the `prefills` (see `step`); their next-token logits in that
+        order, `[rows + prefilled rows, vocab]`."""
+        return self.step(tokens, positions, prefills)
+
+    def step(
+        self,
+        tokens: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        prefills: Sequence[Prefill],
+    ) -> torch.Tensor:
+        """One forward pass: a decode step of rows 0..n-1 (`tokens` at
+        `positions`, or none) and prefills, each `(first_slot, fresh, starts)`
+        as in `prefill`. The products and norms run once over every token of
+        the pass; attention runs per part, each over its own rows and width. A
+        row joining a running batch thus costs its tokens, not a pass of its
+        own (about 1.7 ms for one token alone, 40% of a 32-row step)."""
+        device, stride = self.device, self.max_len + 1
+        parts: list[_Part] = []
+        ids: list[torch.Tensor] = []
+        places: list[torch.Tensor] = []  # per token: slot * stride + position
+        embed: list[torch.Tensor] = []  # per token: its position for the embedding
+        picks: list[torch.Tensor] = []  # the tokens whose logits come back
+        offset = 0
+        if tokens is not None and positions is not None and tokens.shape[0]:
+            rows = tokens.shape[0]
+            span = int(positions.max().item()) + 1
+            visible = torch.arange(span, device=device)[None, :] <= positions[:, None]
+            parts.append(_Part(offset, 0, rows, 1, span, visible[:, None, None]))
+            ids.append(tokens)
+            places.append(torch.arange(rows, device=device) * stride + positions)
+            embed.append(positions)
+            picks.append(torch.arange(rows, device=device))
+            offset += rows
+        for first_slot, fresh, starts in prefills:
+            rows, width = len(fresh), max(len(row) for row in fresh)
+            grid = torch.zeros((rows, width), dtype=torch.long)
+            where = torch.full((rows, width), self.max_len, dtype=torch.long)  # pads: scratch
+            for index, (row, start) in enumerate(zip(fresh, starts, strict=True)):
+                grid[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+                where[index, : len(row)] = torch.arange(start, start + len(row))
+            grid, where = grid.to(device), where.to(device)
+            span = int(max(start + len(row) for row, start in zip(fresh, starts, strict=True)))
+            # query t of row i sees keys 0 .. starts[i] + t (its prefix and its own past)
+            reach = torch.tensor(starts, device=device)[:, None] + torch.arange(
+                width, device=device
             )
+            visible = torch.arange(span, device=device)[None, None, :] <= reach[:, :, None]
+            parts.append(_Part(offset, first_slot, rows, width, span, visible[:, None]))
+            slots = torch.arange(first_slot, first_slot + rows, device=device)
+            ids.append(grid.view(-1))
+            places.append((slots[:, None] * stride + where).view(-1))
+            embed.append(where.clamp(max=self.wpe.shape[0] - 1).view(-1))
+            last = torch.tensor([len(row) - 1 for row in fresh], device=device)
+            picks.append(offset + torch.arange(rows, device=device) * width + last)
+            offset += rows * width
+        if not parts:
+            raise ValueError("a forward pass needs a decode step or a prefill")
+        padding = _padded(offset) - offset if self.half else 0
+        if padding:  # rows that only pass through the products; their keys go to scratch
+            ids.append(torch.zeros(padding, dtype=torch.long, device=device))
+            embed.append(torch.zeros(padding, dtype=torch.long, device=device))
+            places.append(torch.full((padding,), self.max_len, dtype=torch.long, device=device))
+        token_ids, token_positions = torch.cat(ids), torch.cat(embed)
+        x = F.embedding(token_ids, self.wte) + F.embedding(token_positions, self.wpe)
+        # each token's keys go to (slot s, head h, position p) of a layer: one flat
+        # row per (token, head) in its `[slots * heads * positions, dim]` view
+        place = torch.cat(places)
+        slot, at = place // stride, place % stride
+        heads = torch.arange(self.heads, device=device)
+        flat = ((slot[:, None] * self.heads + heads) * stride + at[:, None]).view(-1)
+        hidden = self._blocks(x, parts, flat)
+        return self._logits(hidden[torch.cat(picks)])
+
+    def _blocks(self, x: torch.Tensor, parts: Sequence[_Part], flat: torch.Tensor) -> torch.Tensor:
+        """The transformer blocks over `x` (`[tokens, d_model]`, fp32, the parts'
+        tokens one after the other); `flat` is where each token's keys go."""
+        tokens = x.shape[0]
+        heads, dim, d_model = self.heads, self.head_dim, self.width
+        masks = []
+        for part in parts:
+            hidden = part.visible.logical_not()
+            if self._sdpa_decode or part.width > 1:
+                # an additive mask, built once: given a bool one, SDPA converts it per layer
+                hidden = torch.zeros(hidden.shape, dtype=self.dtype, device=x.device)
+                hidden.masked_fill_(part.visible.logical_not(), -math.inf)
+            masks.append(hidden)
         dtype = self.dtype
+        used = sum(part.rows * part.width for part in parts)
+        padding = (
+            torch.zeros((tokens - used, d_model), dtype=dtype, device=x.device)
+            if tokens > used
+            else None
+        )  # what the padding rows (see `_padded`) attend to
         for layer, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
             h = F.layer_norm(x, (d_model,), ln_1[0], ln_1[1], self.eps).to(dtype)
-            qkv = c_attn(h).view(rows, width, 3, heads, dim)
-            query, key, value = qkv.unbind(2)
+            query, key, value = c_attn(h).view(tokens, 3, heads, dim).unbind(1)
             keys, values = self.keys[layer], self.values[layer]
-            write(keys, key)
-            write(values, value)
-            k = keys[slot_range, :, :span]
-            v = values[slot_range, :, :span]
-            q = query.transpose(1, 2)
-            if sdpa:
-                attended = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=hidden, scale=self.scales[layer]
-                )
-            else:
-                scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scales[layer])
-                attended = torch.matmul(scores.masked_fill_(hidden, -math.inf).softmax(-1), v)
-            x = x + c_proj(attended.transpose(1, 2).reshape(rows * width, d_model))
+            keys.view(-1, dim).index_copy_(0, flat, key.reshape(-1, dim))
+            values.view(-1, dim).index_copy_(0, flat, value.reshape(-1, dim))
+            attended = [
+                self._attend(layer, part, mask, query, keys, values)
+                for part, mask in zip(parts, masks, strict=True)
+            ]
+            if padding is not None:
+                attended.append(padding)
+            joined = attended[0] if len(attended) == 1 else torch.cat(attended)
+            x = x + c_proj(joined)
             h = F.layer_norm(x, (d_model,), ln_2[0], ln_2[1], self.eps).to(dtype)
             x = x + mlp_proj(c_fc(h))
         return x
+
+    def _attend(
+        self,
+        layer: int,
+        part: _Part,
+        mask: torch.Tensor,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """One part's attention: `[rows * width, d_model]`."""
+        rows, width = part.rows, part.width
+        q = query[part.offset : part.offset + rows * width].view(rows, width, self.heads, -1)
+        q = q.transpose(1, 2)
+        k = keys[part.first_slot : part.first_slot + rows, :, : part.span]
+        v = values[part.first_slot : part.first_slot + rows, :, : part.span]
+        if self._sdpa_decode or width > 1:
+            # SDPA's fused kernel wins for prefills, on CUDA and in bf16; for one
+            # fp32 query per row on the CPU two matmuls beat it
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scales[layer]
+            )
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scales[layer])
+            attended = torch.matmul(scores.masked_fill_(mask, -math.inf).softmax(-1), v)
+        return attended.transpose(1, 2).reshape(rows * width, self.width)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden = F.layer_norm(hidden, (self.width,), self.ln_f[0], self.ln_f[1], self.eps)
