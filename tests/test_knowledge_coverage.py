@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 import bot.knowledge.coverage as coverage
-from bot.knowledge.coverage import EntryWords, WordTable, content_words, faq_vocabulary
+from bot.knowledge.coverage import (
+    EntryWords,
+    WordTable,
+    content_words,
+    faq_vocabulary,
+    message_words,
+)
 from bot.knowledge.faq import FaqEntry, FaqFile
 from bot.knowledge.index import FaqIndex, flatten
 from bot.knowledge.matching import calibrate, features
@@ -89,17 +95,33 @@ def test_the_word_table_embeds_each_new_word_once_and_forgets_the_oldest(
 ) -> None:
     table = WordTable(_index(("gift", "card"), np.stack([unit(1, 0), unit(0, 1)]), [[0, 1]]))
     assert [sorted(entry.stems) for entry in table.entries] == [["card", "gift"]]
-    assert table.unseen([["gift", "wrap", "paper"], ["wrap"]]) == ["wrap", "paper"]
-    table.add(["wrap", "paper"], np.stack([unit(1, 1), unit(1, -1)]))
-    assert table.unseen([["gift", "wrap", "paper"]]) == []
-    message = table.message(["gift", "paper"])
+    assert table.width == 2
+    known, missing = table.lookup([["gift", "wrap", "paper"], ["wrap"]])
+    assert list(known) == ["gift"] and missing == ["wrap", "paper"]
+    known.update(table.add(missing, np.stack([unit(1, 1), unit(1, -1)])))
+    assert table.lookup([["gift", "wrap", "paper"]])[1] == []
+    message = message_words(["gift", "paper"], known, table.width)
     assert message.words == ("gift", "paper") and message.vectors.shape == (2, 2)
     assert np.allclose(message.vectors[1], unit(1, -1))
-    assert table.message([]).vectors.shape == (0, 2)
+    assert message_words([], known, table.width).vectors.shape == (0, 2)
     monkeypatch.setattr(coverage, "WORD_CACHE", 2)
-    table.message(["wrap"])  # used most recently: "paper" is now the oldest
+    table.lookup([["wrap"]])  # used most recently: "paper" is now the oldest
     table.add(["ribbon"], np.stack([unit(2, 1)]))
-    assert table.unseen([["wrap", "paper", "ribbon"]]) == ["paper"]
+    assert table.lookup([["wrap", "paper", "ribbon"]])[1] == ["paper"]
+
+
+def test_a_looked_up_word_survives_its_eviction_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another conversation's words may evict this one's while it awaits the
+    embedder: the snapshot still has them."""
+    monkeypatch.setattr(coverage, "WORD_CACHE", 1)
+    table = WordTable(_index(("gift",), np.stack([unit(1, 0)]), [[0]]))
+    table.add(["wrap"], np.stack([unit(1, 1)]))
+    known, missing = table.lookup([["wrap", "ribbon"]])  # this conversation
+    table.add(["bow"], np.stack([unit(0, 1)]))  # another one's, evicting "wrap"
+    assert table.lookup([["wrap"]])[1] == ["wrap"]
+    known.update(table.add(missing, np.stack([unit(2, 1)])))
+    message = message_words(["wrap", "ribbon"], known, table.width)
+    assert np.allclose(message.vectors[0], unit(1, 1))
 
 
 def test_the_score_rises_with_the_logit_the_lead_and_the_coverage() -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from bot.config.knowledge import BUNDLED_EMBEDDING_MODEL
 from bot.knowledge.coverage import WordTable, content_words
+from bot.knowledge.coverage import message_words as to_message
 from bot.knowledge.embedder import encode, load_encoder
 from bot.knowledge.evaluation import Labelled, load_questions
 from bot.knowledge.faq import FaqFile, load_faq
@@ -87,8 +88,8 @@ async def collect(
         part = faq if round_number == 0 else _part(faq, rng)
         index = await build_index(part, embed)
         table = WordTable(index)
-        unseen = table.unseen(message_words)
-        table.add(unseen, await embed(unseen))
+        known, unseen = table.lookup(message_words)
+        known.update(table.add(unseen, await embed(unseen)))
         logits = index.logits(vectors)
         answers = vectors @ index.answer_vectors.T
         ids = [entry.id for entry in part.entries]
@@ -97,7 +98,8 @@ async def collect(
         ):
             order = [int(k) for k in np.argsort(-row_logits, kind="stable")]
             top = order[0]
-            coverage = table.entries[top].coverage(words, table.message(words).vectors)
+            message = to_message(words, known, table.width)
+            coverage = table.entries[top].coverage(message.words, message.vectors)
             samples.append(
                 features(row_logits, order, top, index.reference, float(row_answers[top]), coverage)
             )

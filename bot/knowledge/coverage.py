@@ -114,35 +114,45 @@ class WordTable:
             for k in range(len(offsets) - 1)
         ]
 
-    def unseen(self, messages: Sequence[Sequence[str]]) -> list[str]:
-        """The words of `messages` that have no embedding here yet, each once."""
-        wanted = {
-            word: None
-            for words_of_one in messages
-            for word in words_of_one
-            if word not in self._faq and word not in self._other
-        }
-        return list(wanted)
+    def lookup(self, messages: Sequence[Sequence[str]]) -> tuple[dict[str, Vectors], list[str]]:
+        """(the embeddings this table has for the words of `messages`, the words
+        it has none for, each once). The first is a snapshot: what another
+        conversation adds or evicts meanwhile does not change it."""
+        known: dict[str, Vectors] = {}
+        missing: dict[str, None] = {}
+        for words_of_one in messages:
+            for word in words_of_one:
+                if word in known or word in missing:
+                    continue
+                vector = self._faq.get(word)
+                if vector is None and word in self._other:
+                    vector = self._other[word]
+                    self._other.move_to_end(word)
+                if vector is None:
+                    missing[word] = None
+                else:
+                    known[word] = vector
+        return known, list(missing)
 
-    def add(self, words_: Sequence[str], vectors: Vectors) -> None:
-        for word, vector in zip(words_, vectors, strict=True):
-            self._other[word] = vector
+    def add(self, words_: Sequence[str], vectors: Vectors) -> dict[str, Vectors]:
+        """Remember the embeddings of new words (the oldest go beyond
+        `WORD_CACHE`); returns them by word."""
+        fresh = dict(zip(words_, vectors, strict=True))
+        self._other.update(fresh)
         while len(self._other) > WORD_CACHE:
             self._other.popitem(last=False)
+        return fresh
 
-    def vector(self, word: str) -> Vectors:
-        known = self._faq.get(word)
-        if known is not None:
-            return known
-        vector = self._other[word]
-        self._other.move_to_end(word)
-        return vector
+    @property
+    def width(self) -> int:
+        return int(self.entries[0].vectors.shape[1]) if self.entries else 0
 
-    def message(self, words_: Sequence[str]) -> MessageWords:
-        width = len(next(iter(self._faq.values()))) if self._faq else 0
-        rows = [self.vector(word) for word in words_]
-        stacked = np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
-        return MessageWords(tuple(words_), stacked)
+
+def message_words(words_: Sequence[str], vectors: dict[str, Vectors], width: int) -> MessageWords:
+    """A message's words with their embeddings, taken from `vectors`."""
+    rows = [vectors[word] for word in words_]
+    stacked = np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
+    return MessageWords(tuple(words_), stacked)
 
 
 @dataclass(frozen=True, slots=True)

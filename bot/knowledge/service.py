@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.knowledge.coverage import WordTable, content_words
+from bot.knowledge.coverage import WordTable, content_words, message_words
 from bot.knowledge.embedder import Embedder, Vectors
 from bot.knowledge.faq import FaqEntry, FaqFile, KnowledgeError, load_faq
 from bot.knowledge.index import FaqIndex, IndexCache, build_index
@@ -208,12 +208,13 @@ class KnowledgeService:
         # typo lookups cost up to a few ms per unknown word: not on the event loop
         cleaned = await asyncio.to_thread(lambda: [loaded.normalizer(text) for text in texts])
         words = [content_words(text) for text in cleaned]
-        unseen = loaded.words.unseen(words)
+        table = loaded.words
+        known, unseen = table.lookup(words)
         # one batch: the messages and their words the table has not embedded yet
         vectors: Vectors = await self.embedder.embed([*cleaned, *unseen])
-        loaded.words.add(unseen, vectors[len(cleaned) :])
-        messages = [loaded.words.message(message_words) for message_words in words]
-        return rank(loaded.index, vectors[: len(cleaned)], messages, loaded.words.entries)
+        known.update(table.add(unseen, vectors[len(cleaned) :]))
+        messages = [message_words(each, known, table.width) for each in words]
+        return rank(loaded.index, vectors[: len(cleaned)], messages, table.entries)
 
     async def decide(
         self, incoming: Incoming, text: str, previous: Source | None
