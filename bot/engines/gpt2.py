@@ -3,10 +3,11 @@
 The transformers model supplies the weights (shared, not copied) and nothing
 else: no per-step cache objects, mask builders or module hooks, so a decode
 step is about a hundred tensor operations whatever the batch. The cache is one
-tensor per layer for keys and one for values, `[slots, heads, positions + 1,
-head_dim]`; row `i` of a batch lives in slot `i` at its own absolute positions
-(no padding inside a row), and the last column is scratch for the padding of
-a prefill. Attention over a row reads only its own slot, masked to its length.
+tensor, `[layers, keys or values, slots, heads, positions + 1, head_dim]`; row
+`i` of a batch lives in slot `i` at its own absolute positions (no padding
+inside a row), and the last column is scratch for the padding of a prefill.
+Attention over a row reads only its own slot, masked to its length. A decode
+step can carry prefills of rows that join the batch: one pass for all.
 
 Only the engine's worker thread calls this module.
 """
@@ -285,9 +286,10 @@ class Gpt2Runner:
         )
         #: what products, attention and the cache compute in
         self.dtype = torch.bfloat16 if self.half else self.wte.dtype
-        shape = (self.layers, slots, self.heads, max_len + 1, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=self.dtype, device=device)
-        self.values = torch.zeros(shape, dtype=self.dtype, device=device)
+        shape = (self.layers, 2, slots, self.heads, max_len + 1, self.head_dim)
+        #: each layer's keys and values side by side, so one copy stores a pass's both
+        self.cache = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.keys, self.values = self.cache[:, 0], self.cache[:, 1]
         # decode steps attend through SDPA on CUDA and in bf16 (its bf16 kernel
         # reads the cache at half the bytes), through two matmuls in fp32 on the CPU
         self._sdpa_decode = device.type == "cuda" or self.half
@@ -323,19 +325,14 @@ class Gpt2Runner:
 
     def export(self, slot: int, length: int) -> torch.Tensor:
         """A copy of the slot's first `length` positions: `[layers, 2, heads, length, dim]`."""
-        return torch.stack(
-            (self.keys[:, slot, :, :length], self.values[:, slot, :, :length]), dim=1
-        ).clone()
+        return self.cache[:, :, slot, :, :length].clone()
 
     def load(self, slot: int, layers: torch.Tensor) -> None:
         """Put exported keys/values (`[layers, 2, heads, n, dim]`) at positions 0..n-1."""
-        length = layers.shape[-2]
-        self.keys[:, slot, :, :length] = layers[:, 0]
-        self.values[:, slot, :, :length] = layers[:, 1]
+        self.cache[:, :, slot, :, : layers.shape[-2]] = layers
 
     def move(self, source: int, target: int, length: int) -> None:
-        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
-        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.cache[:, :, target, :, :length] = self.cache[:, :, source, :, :length]
 
     # -- forward passes ----------------------------------------------------------
 
@@ -418,18 +415,22 @@ class Gpt2Runner:
             places.append(torch.full((padding,), self.max_len, dtype=torch.long, device=device))
         token_ids, token_positions = torch.cat(ids), torch.cat(embed)
         x = F.embedding(token_ids, self.wte) + F.embedding(token_positions, self.wpe)
-        # each token's keys go to (slot s, head h, position p) of a layer: one flat
-        # row per (token, head) in its `[slots * heads * positions, dim]` view
+        # a token's keys and values go to (k or v, slot s, head h, position p) of a
+        # layer: one flat row per (token, k or v, head) in its `[2 * slots * heads *
+        # positions, dim]` view
         place = torch.cat(places)
         slot, at = place // stride, place % stride
         heads = torch.arange(self.heads, device=device)
-        flat = ((slot[:, None] * self.heads + heads) * stride + at[:, None]).view(-1)
+        cells = ((slot[:, None] * self.heads + heads) * stride + at[:, None])[:, None]
+        half = self.slots * self.heads * stride  # where the values start
+        flat = (cells + torch.tensor([[0], [half]], device=device)).view(-1)
         hidden = self._blocks(x, parts, flat)
         return self._logits(hidden[torch.cat(picks)])
 
     def _blocks(self, x: torch.Tensor, parts: Sequence[_Part], flat: torch.Tensor) -> torch.Tensor:
         """The transformer blocks over `x` (`[tokens, d_model]`, fp32, the parts'
-        tokens one after the other); `flat` is where each token's keys go."""
+        tokens one after the other); `flat` is where each token's keys and values
+        go."""
         tokens = x.shape[0]
         heads, dim, d_model = self.heads, self.head_dim, self.width
         masks = []
@@ -449,10 +450,10 @@ class Gpt2Runner:
         )  # what the padding rows (see `_padded`) attend to
         for layer, (ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) in enumerate(self.blocks):
             h = F.layer_norm(x, (d_model,), ln_1[0], ln_1[1], self.eps).to(dtype)
-            query, key, value = c_attn(h).view(tokens, 3, heads, dim).unbind(1)
+            qkv = c_attn(h).view(tokens, 3, heads, dim)
+            query = qkv[:, 0]
+            self.cache[layer].view(-1, dim).index_copy_(0, flat, qkv[:, 1:].reshape(-1, dim))
             keys, values = self.keys[layer], self.values[layer]
-            keys.view(-1, dim).index_copy_(0, flat, key.reshape(-1, dim))
-            values.view(-1, dim).index_copy_(0, flat, value.reshape(-1, dim))
             attended = [
                 self._attend(layer, part, mask, query, keys, values)
                 for part, mask in zip(parts, masks, strict=True)

@@ -76,11 +76,13 @@ class PrefixCache:
         nbytes = layers.numel() * layers.element_size()
         if nbytes > self.max_bytes:
             return
-        self._entries[key] = _Entry(tokens, layers, nbytes)
-        self.bytes_used += nbytes
-        while self.bytes_used > self.max_bytes:
+        # evict first: `bytes_used` is read from other threads (the engine's
+        # `kv_bytes`) and must never show more than `max_bytes`, even for a moment
+        while self._entries and self.bytes_used + nbytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
             self.bytes_used -= evicted.nbytes
+        self._entries[key] = _Entry(tokens, layers, nbytes)
+        self.bytes_used += nbytes
 
     def discard(self, key: str) -> None:
         entry = self._entries.pop(key, None)

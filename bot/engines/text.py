@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import gc
 import logging
 import queue
 import threading
@@ -227,6 +228,10 @@ class LocalTextEngine:
             observe_rows=self._observe_step,
             on_tokens=self._count_tokens,
         )
+        # What is loaded by now (torch, transformers, the model: some 400,000
+        # objects) lives as long as the process; out of the collector's sight, its
+        # full collections no longer walk it (they took 5-7% of a busy engine's time).
+        gc.freeze()
         log.info(
             "text model %s loaded on %s (%d rows, %.0f MB batch cache, %.0f MB prefix cache)",
             Path(s.model.name).name or s.model.name,
