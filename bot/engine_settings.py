@@ -43,6 +43,7 @@ def local_engine_settings(section: TextSection) -> LocalEngineSettings:
         max_batch_size=section.max_batch_size,
         batch_wait_ms=section.batch_wait_ms,
         kv_cache_mb=section.kv_cache_mb,
+        gil_switch_interval_s=section.gil_switch_interval_ms / 1000,
     )
 
 

@@ -480,3 +480,21 @@ async def test_a_bf16_engine_keeps_its_keys_in_bf16_and_reuses_them(
         assert running.kv_bytes == runner.nbytes + cache.bytes_used
     finally:
         await running.close()
+
+
+async def test_the_engine_sets_the_gil_switch_interval(
+    text_config: Callable[..., LocalEngineSettings],
+) -> None:
+    """text.gil_switch_interval_ms applies to the process once the model is
+    loaded; 0 leaves Python's own."""
+    import sys
+
+    before = sys.getswitchinterval()
+    try:
+        for value, expected in ((0.5, 0.0005), (0.0, 0.0005)):
+            running = LocalTextEngine(text_config(gil_switch_interval_ms=value))
+            await running.start()
+            await running.close()
+            assert sys.getswitchinterval() == pytest.approx(expected)
+    finally:
+        sys.setswitchinterval(before)

@@ -30,6 +30,8 @@ class TextSection(Section):
     max_batch_size: Annotated[int, Field(gt=0)] = 32
     batch_wait_ms: Annotated[float, Field(ge=0)] = 10.0
     kv_cache_mb: Annotated[int, Field(ge=0)] = 256
+    #: engine = "local": Python's GIL switch interval once the model is loaded (0 = Python's 5 ms)
+    gil_switch_interval_ms: Annotated[float, Field(ge=0, le=100)] = 0.2
     fallback_reply: str = "Sorry, I have nothing to say to that. Could you put it another way?"
     remote_url: str = "http://127.0.0.1:8000/v1"
     remote_model: str = ""

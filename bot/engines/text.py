@@ -19,6 +19,7 @@ import contextlib
 import gc
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -232,6 +233,8 @@ class LocalTextEngine:
         # objects) lives as long as the process; out of the collector's sight, its
         # full collections no longer walk it (they took 5-7% of a busy engine's time).
         gc.freeze()
+        if s.gil_switch_interval_s:
+            sys.setswitchinterval(s.gil_switch_interval_s)
         log.info(
             "text model %s loaded on %s (%d rows, %.0f MB batch cache, %.0f MB prefix cache)",
             Path(s.model.name).name or s.model.name,
