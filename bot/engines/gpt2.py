@@ -109,7 +109,10 @@ def bf16_is_fast() -> bool:
 
 
 def _packed_linears_available() -> bool:
-    return bool(torch._C._has_mkldnn) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    ops = torch.ops.mkldnn
+    return bool(torch._C._has_mkldnn) and all(
+        hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
+    )
 
 
 #: activations oneDNN can fuse into a linear layer: (post-op, algorithm)
