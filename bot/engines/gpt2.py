@@ -388,27 +388,11 @@ class Gpt2Runner:
             picks.append(torch.arange(rows, device=device))
             offset += rows
         for first_slot, fresh, starts in prefills:
-            rows, width = len(fresh), max(len(row) for row in fresh)
-            grid = torch.zeros((rows, width), dtype=torch.long)
-            where = torch.full((rows, width), self.max_len, dtype=torch.long)  # pads: scratch
-            for index, (row, start) in enumerate(zip(fresh, starts, strict=True)):
-                grid[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-                where[index, : len(row)] = torch.arange(start, start + len(row))
-            grid, where = grid.to(device), where.to(device)
-            span = int(max(start + len(row) for row, start in zip(fresh, starts, strict=True)))
-            # query t of row i sees keys 0 .. starts[i] + t (its prefix and its own past)
-            reach = torch.tensor(starts, device=device)[:, None] + torch.arange(
-                width, device=device
-            )
-            visible = torch.arange(span, device=device)[None, None, :] <= reach[:, :, None]
-            parts.append(_Part(offset, first_slot, rows, width, span, visible[:, None]))
-            slots = torch.arange(first_slot, first_slot + rows, device=device)
-            ids.append(grid.view(-1))
-            places.append((slots[:, None] * stride + where).view(-1))
-            embed.append(where.clamp(max=self.wpe.shape[0] - 1).view(-1))
-            last = torch.tensor([len(row) - 1 for row in fresh], device=device)
-            picks.append(offset + torch.arange(rows, device=device) * width + last)
-            offset += rows * width
+            part, tensors = self._prefill_part(offset, first_slot, fresh, starts)
+            parts.append(part)
+            for into, tensor in zip((ids, places, embed, picks), tensors, strict=True):
+                into.append(tensor)
+            offset += part.rows * part.width
         if not parts:
             raise ValueError("a forward pass needs a decode step or a prefill")
         padding = _padded(offset) - offset if self.half else 0
@@ -429,6 +413,33 @@ class Gpt2Runner:
         flat = (cells + torch.tensor([[0], [half]], device=device)).view(-1)
         hidden = self._blocks(x, parts, flat)
         return self._logits(hidden[torch.cat(picks)])
+
+    def _prefill_part(
+        self, offset: int, first_slot: int, fresh: Sequence[Sequence[int]], starts: Sequence[int]
+    ) -> tuple[_Part, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """One prefill's part of a pass, at tokens `offset`.. of it: the part and
+        its tokens' ids, places (slot * stride + position; pads go to the scratch
+        column), embedding positions and the picks (each row's last token)."""
+        device, stride = self.device, self.max_len + 1
+        rows, width = len(fresh), max(len(row) for row in fresh)
+        grid = torch.zeros((rows, width), dtype=torch.long)
+        where = torch.full((rows, width), self.max_len, dtype=torch.long)  # pads: scratch
+        for index, (row, start) in enumerate(zip(fresh, starts, strict=True)):
+            grid[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            where[index, : len(row)] = torch.arange(start, start + len(row))
+        grid, where = grid.to(device), where.to(device)
+        span = int(max(start + len(row) for row, start in zip(fresh, starts, strict=True)))
+        # query t of row i sees keys 0 .. starts[i] + t (its prefix and its own past)
+        reach = torch.tensor(starts, device=device)[:, None] + torch.arange(width, device=device)
+        visible = torch.arange(span, device=device)[None, None, :] <= reach[:, :, None]
+        slots = torch.arange(first_slot, first_slot + rows, device=device)
+        last = torch.tensor([len(row) - 1 for row in fresh], device=device)
+        return _Part(offset, first_slot, rows, width, span, visible[:, None]), (
+            grid.view(-1),
+            (slots[:, None] * stride + where).view(-1),
+            where.clamp(max=self.wpe.shape[0] - 1).view(-1),
+            offset + torch.arange(rows, device=device) * width + last,
+        )
 
     def _blocks(self, x: torch.Tensor, parts: Sequence[_Part], flat: torch.Tensor) -> torch.Tensor:
         """The transformer blocks over `x` (`[tokens, d_model]`, fp32, the parts'
