@@ -23,8 +23,31 @@ import torch
 import torch.nn.functional as F
 
 from bot.engines import EngineUnavailable
+from bot.engines.linears import (
+    FUSED_ACTIVATIONS,
+    Bf16Conv1D,
+    Bf16Linear,
+    Int8Conv1D,
+    Linear,
+    bf16_is_fast,
+    linear_of,
+    quantize_int8,
+    quantize_linears,
+    runs_bf16,
+)
 
-Linear = Callable[[torch.Tensor], torch.Tensor]
+__all__ = [
+    "Bf16Conv1D",
+    "Gpt2Runner",
+    "Int8Conv1D",
+    "Prefill",
+    "bf16_is_fast",
+    "quantize_int8",
+    "quantize_linears",
+    "runs_bf16",
+    "supports",
+]
+
 _TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}
 
 
@@ -41,161 +64,8 @@ def _activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
-class Int8Conv1D(torch.nn.Module):
-    """GPT-2's `Conv1D` with int8 weights (one scale per output channel) and
-    int8 activations (one scale per row, found on the fly), multiplied by
-    `torch._int_mm` (VNNI/AMX kernels on x86). A module, so the transformers
-    model itself runs quantized too (for perplexity)."""
-
-    weight8: torch.Tensor
-    scale: torch.Tensor
-    bias: torch.Tensor
-
-    def __init__(self, conv: Any) -> None:
-        super().__init__()
-        weight = conv.weight.detach().float()
-        scale = (weight.abs().amax(dim=0) / 127.0).clamp(min=1e-8)
-        quantized = (weight / scale).round().clamp(-127, 127).to(torch.int8).contiguous()
-        self.register_buffer("weight8", quantized)
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", conv.bias.detach().float().clone())
-
-    def forward2d(self, x: torch.Tensor) -> torch.Tensor:
-        x_scale = (x.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-8)
-        x8 = (x / x_scale).round_().to(torch.int8)
-        product = torch._int_mm(x8, self.weight8)
-        return torch.addcmul(self.bias, product.float(), x_scale * self.scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        return self.forward2d(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
-
-
-class Bf16Conv1D(torch.nn.Module):
-    """GPT-2's `Conv1D` multiplied in bfloat16 when the input has many rows (a
-    prefill: AMX tiles make that several times faster than fp32), in fp32 when
-    it has few (a decode step, where bf16 only adds conversions). Inputs and
-    outputs are fp32, so attention, the cache and the LM head stay fp32."""
-
-    #: rows (tokens) from which the bf16 product pays for its conversions
-    MIN_ROWS = 64
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    weight16: torch.Tensor
-    bias16: torch.Tensor
-
-    def __init__(self, conv: Any) -> None:
-        super().__init__()
-        self.register_buffer("weight", conv.weight.detach())
-        self.register_buffer("bias", conv.bias.detach())
-        self.register_buffer("weight16", conv.weight.detach().to(torch.bfloat16).contiguous())
-        self.register_buffer("bias16", conv.bias.detach().to(torch.bfloat16).clone())
-
-    def forward2d(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] < self.MIN_ROWS:
-            return torch.addmm(self.bias, x, self.weight)
-        return torch.addmm(self.bias16, x.to(torch.bfloat16), self.weight16).float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        return self.forward2d(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
-
-
-def bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
-
-
-def _packed_linears_available() -> bool:
-    ops = torch.ops.mkldnn
-    return bool(torch._C._has_mkldnn) and all(
-        hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
-    )
-
-
-#: activations oneDNN can fuse into a linear layer: (post-op, algorithm)
-_FUSED_ACTIVATIONS = {
-    "gelu_new": ("gelu", "tanh"),
-    "gelu_pytorch_tanh": ("gelu", "tanh"),
-    "gelu": ("gelu", "none"),
-    "relu": ("relu", ""),
-}
-
-
-class _Bf16Linear:
-    """`x @ W + b` in bfloat16 for a bf16 `x`, through oneDNN with the weight
-    reordered once into its blocked layout (a plain bf16 `addmm` reorders it on
-    every call: 41 µs against 25 µs for 32 x 256 x 768 here), optionally with
-    the activation fused in. bf16 in, bf16 out; oneDNN accumulates in fp32."""
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        activation: tuple[str, str] | None = None,
-    ) -> None:
-        """`weight` is `[out, in]` (a `Conv1D`'s transposed, or an `nn.Linear`'s)."""
-        weight = weight.detach().to(torch.bfloat16).contiguous()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
-        self.bias = None if bias is None else bias.detach().to(torch.bfloat16)
-        self.post, self.algorithm = activation or ("none", "")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
-            x, self.weight, self.bias, self.post, [], self.algorithm
-        )
-        return out
-
-
-def quantize_linears(model: Any, kind: str) -> int:
-    """Swap every `Conv1D` of the transformer blocks for an `Int8Conv1D` ("int8")
-    or a `Bf16Conv1D` ("bf16"), in place; returns how many were swapped. The
-    embeddings and the LM head stay as they are."""
-    from transformers.pytorch_utils import Conv1D
-
-    wrapper = {"int8": Int8Conv1D, "bf16": Bf16Conv1D}[kind]
-    swapped = 0
-    for block in model.transformer.h:
-        for parent in (block.attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Conv1D):
-                    setattr(parent, name, wrapper(child))
-                    swapped += 1
-    return swapped
-
-
-def quantize_int8(model: Any) -> int:
-    return quantize_linears(model, "int8")
-
-
-def _linear(module: Any) -> Linear:
-    """`x @ W + b` for a 2-D `x`, sharing the module's tensors."""
-    if isinstance(module, Int8Conv1D | Bf16Conv1D):
-        return module.forward2d
-    weight, bias = module.weight.detach(), module.bias.detach()
-    return lambda x: torch.addmm(bias, x, weight)
-
-
 def supports(model: Any) -> bool:
     return type(model).__name__ == "GPT2LMHeadModel"
-
-
-def runs_bf16(model: Any) -> bool:
-    """Whether a runner of `model` computes in bfloat16: every linear layer of
-    its blocks is a `Bf16Conv1D` (`text.quantize = "bf16"`, or "auto" on a CPU
-    with AMX) and oneDNN is there. Then its keys/values are bf16 too."""
-    if not _packed_linears_available():
-        return False
-    linears = [
-        child
-        for block in model.transformer.h
-        for parent in (block.attn, block.mlp)
-        for child in parent.children()
-        if isinstance(child, torch.nn.Module) and hasattr(child, "weight")
-    ]
-    return bool(linears) and all(isinstance(child, Bf16Conv1D) for child in linears)
 
 
 #: token counts up to this run through oneDNN as they are; above, padded (`_padded`)
@@ -283,7 +153,7 @@ class Gpt2Runner:
         self.ln_f = (transformer.ln_f.weight.detach(), transformer.ln_f.bias.detach())
         self.lm_head = model.lm_head.weight.detach()
         self._head: Linear = (
-            _Bf16Linear(self.lm_head, None)
+            Bf16Linear(self.lm_head, None)
             if self.half
             else lambda hidden: F.linear(hidden, self.lm_head)
         )
@@ -301,13 +171,13 @@ class Gpt2Runner:
         """The product of one of the blocks' linear layers, its activation
         (`activation`: the config's name) applied after it."""
         if self.half:
-            fused = _FUSED_ACTIVATIONS.get(activation) if activation else None
-            product = _Bf16Linear(module.weight16.t(), module.bias16, fused)
+            fused = FUSED_ACTIVATIONS.get(activation) if activation else None
+            product = Bf16Linear(module.weight16.t(), module.bias16, fused)
             if activation is None or fused is not None:
                 return product
             act = _activation(activation)
             return lambda x: act(product(x))
-        linear = _linear(module)
+        linear = linear_of(module)
         if activation is None:
             return linear
         act = _activation(activation)
