@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     true,
 )
 from sqlalchemy import text as sql_text
@@ -114,6 +115,17 @@ class Message(Base):
     tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     #: The process (`instances.id`) that owns this user message's turn.
     handled_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+#: History is read newest turn first (a reply sorts right after the message it
+#: answers: `coalesce(reply_to_id, id)`); this index serves that order, so a
+#: read costs its limit, not the conversation's length.
+Index(
+    "ix_messages_turn_order",
+    Message.conversation_id,
+    func.coalesce(Message.reply_to_id, Message.id),
+    Message.id,
+)
 
 
 class Draw(Base):

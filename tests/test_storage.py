@@ -33,6 +33,9 @@ async def _say(store: Store, user: str, text: str, chat: str = "c1", owner: str 
     return intake.message
 
 
+@pytest.mark.filterwarnings(
+    "ignore:autogenerate skipping metadata-specified expression-based index"
+)
 async def test_fresh_database_gets_the_schema(db_url: str) -> None:
     """Migrations bring a new database to the newest revision, and what they
     build is exactly what storage.models declares (no drift either way)."""
@@ -57,6 +60,33 @@ async def test_fresh_database_gets_the_schema(db_url: str) -> None:
         await store.close()
     # Opening again is a no-op migration, not an error.
     await (await Store.open(db_url)).close()
+
+
+async def test_history_is_read_through_its_index_not_sorted(db_url: str) -> None:
+    """The newest-turn-first read uses ix_messages_turn_order (alembic cannot
+    compare expression indexes, so the drift check above does not see it)."""
+    from sqlalchemy.dialects import sqlite
+
+    from storage.conversations import _HISTORY
+
+    store = await Store.open(db_url)
+    try:
+        async with store.engine.connect() as connection:
+            if store.engine.dialect.name == "sqlite":
+                compiled = _HISTORY.compile(dialect=sqlite.dialect())
+                values = {"conversation_id": 1, "limit": 10}
+                params = tuple(values.get(name, 0) for name in compiled.positiontup or ())
+                result = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)
+                plan = result.all()
+                details = " ".join(str(row[-1]) for row in plan)
+                assert "ix_messages_turn_order" in details and "TEMP B-TREE" not in details
+            else:
+                names = await connection.scalars(
+                    text("SELECT indexname FROM pg_indexes WHERE tablename = 'messages'")
+                )
+                assert "ix_messages_turn_order" in set(names)
+    finally:
+        await store.close()
 
 
 async def test_sqlite_uses_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
