@@ -141,3 +141,20 @@ def test_int8_keeps_held_out_perplexity_close(tiny_model_dir: Path) -> None:
     after, count_after = perplexity_of(*int8, dialogues)
     assert count == count_after > 0
     assert math.isfinite(after) and abs(after / before - 1) < 0.1
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_the_parameter_count_survives_quantized_layers(tiny_model_dir: Path, kind: str) -> None:
+    """The bench reports the model's size; a swapped layer keeps its weights in
+    buffers, which must still count (it printed 1.1M for a 5.9M model)."""
+    from transformers import GPT2LMHeadModel
+
+    from bot.bench.setup import parameter_count
+    from bot.engines.linears import quantize_linears
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_model_dir)
+    before = sum(p.numel() for p in model.parameters())
+    assert parameter_count(model) == before
+    assert quantize_linears(model, kind) > 0
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert parameter_count(model) == before

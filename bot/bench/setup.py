@@ -106,11 +106,25 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def parameter_count(model: Any) -> int:
+    """The model's weights, counted once also where the engine swapped a layer
+    for a quantized or bf16 copy (whose weights are buffers, not parameters)."""
+    from bot.engines.linears import Bf16Conv1D, Int8Conv1D
+
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, Bf16Conv1D):
+            total += module.weight.numel() + module.bias.numel()
+        elif isinstance(module, Int8Conv1D):
+            total += module.weight8.numel() + module.bias.numel()
+    return int(total)
+
+
 def describe_model(name: str, model: Any, tokenizer: Any) -> dict[str, Any]:
     config = model.config
     return {
         "path": name,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameter_count(model),
         "layers": getattr(config, "n_layer", None),
         "embedding": getattr(config, "n_embd", None),
         "vocab": len(tokenizer),
