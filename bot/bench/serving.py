@@ -326,7 +326,7 @@ def _targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             1.3,
             result["turn_latency"]["ours"],
         ),
-        ("manager + storage overhead p95, ms", "<=", 5.0, overhead["sequential"]["p95_ms"]),
+        ("manager + storage overhead p95, ms", "<=", 2.0, overhead["sequential"]["p95_ms"]),
         (
             "messages/s with an instant engine",
             ">=",
