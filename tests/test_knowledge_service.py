@@ -270,6 +270,21 @@ async def test_a_broken_edit_keeps_the_old_index(knowledge: Any, faq_path: Path)
     assert (await service.decide(ME, "How do I return an item?", None)).kind == "answer"
 
 
+async def test_a_one_entry_faq_answers_its_question(
+    knowledge: Any, faq_path: Path, tmp_path: Path
+) -> None:
+    """No runner-up to lead: the one entry is still scored (this raised)."""
+    await asyncio.to_thread(
+        faq_path.write_text,
+        '[[faq]]\nid = "hours"\nquestions = ["When are you open?", "opening hours"]\n'
+        'answer = "We are open 9 to 5, Monday to Friday."\n',
+    )
+    service = await knowledge(data_dir=tmp_path / "data")
+    decision = await service.decide(ME, "what are your opening hours", None)
+    assert decision.source == Source("faq", "hours")
+    assert (await service.decide(ME, "What's the capital of Peru?", None)).kind == "fallback"
+
+
 async def test_create_is_none_when_off_and_fails_on_a_bad_file(
     make_config: Callable[..., Config], faq_path: Path
 ) -> None:

@@ -58,9 +58,8 @@ def features(
     logits: Vectors, order: Sequence[int], k: int, reference: float, answer: float, coverage: float
 ) -> tuple[float, float, float, float]:
     """The calibration features of entry `k` for one message (see the module doc)."""
-    best_other = logits[order[1]] if order[0] == k else logits[order[0]]
-    if len(order) == 1:
-        best_other = 0.0
+    others = [logits[j] for j in order[:2] if j != k]  # `order` is best first
+    best_other = float(others[0]) if others else 0.0  # a one-entry FAQ
     return (
         float(logits[k]) / reference,
         float(logits[k] - best_other) / reference,
