@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bot.bench.report import model_line, target_lines
+from bot.bench.report import closing_lines, model_line
 
 MB = 2**20
 
@@ -81,10 +81,7 @@ def format_peers(result: dict[str, Any]) -> str:
     )
     if "memory" in result:
         lines.append(_memory_line(result["memory"]))
-    lines += ["", "targets"]
-    lines += target_lines(result["targets"])
-    lines.append(f"\n{result['seconds']:.0f} s in all")
-    return "\n".join(lines)
+    return "\n".join([*lines, *closing_lines(result)])
 
 
 def write_peers_plot(result: dict[str, Any], path: str | Path) -> Path:

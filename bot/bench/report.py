@@ -121,16 +121,14 @@ def format_report(result: dict[str, Any]) -> str:
     lines += [_overhead_line(result["overhead"]), _int8_line(result["int8"])]
     if "knowledge" in result:
         lines.append(_knowledge_line(result["knowledge"]))
-    lines += ["", "targets"]
-    lines += target_lines(result["targets"])
-    lines.append(f"\n{result['seconds']:.0f} s in all")
-    return "\n".join(lines)
+    return "\n".join([*lines, *closing_lines(result)])
 
 
-def target_lines(targets: list[dict[str, Any]]) -> list[str]:
-    """One "[met] name: value (target ...)" line per target, for both reports."""
-    lines = []
-    for target in targets:
+def closing_lines(result: dict[str, Any]) -> list[str]:
+    """The end of both reports: one "[met] name: value (target ...)" line per
+    target, then the run's duration."""
+    lines = ["", "targets"]
+    for target in result["targets"]:
         value = target["value"]
         if isinstance(value, float):
             shown = f"{value:,.2f}"
@@ -140,6 +138,7 @@ def target_lines(targets: list[dict[str, Any]]) -> list[str]:
             shown = str(value)
         verdict = "met" if target["met"] else "MISSED"
         lines.append(f"  [{verdict:>6}] {target['name']}: {shown} (target {target['target']})")
+    lines.append(f"\n{result['seconds']:.0f} s in all")
     return lines
 
 

@@ -34,8 +34,8 @@ from bot.knowledge.embedder import encode, load_encoder
 from bot.knowledge.evaluation import Labelled, load_questions
 from bot.knowledge.faq import FaqFile, load_faq
 from bot.knowledge.index import Vectors, build_index
-from bot.knowledge.matching import features
-from bot.knowledge.text import Normalizer
+from bot.knowledge.matching import ranked_features
+from bot.knowledge.text import faq_normalizer
 
 
 class _Embeddings:
@@ -75,9 +75,7 @@ async def collect(
     faq: FaqFile, rows: list[Labelled], embed: _Embeddings, rounds: int, seed: int
 ) -> tuple[list[tuple[float, ...]], list[int]]:
     """(features of the top entry, 1 if it is the right entry) per question and round."""
-    vocabulary = frozenset(word for word in embed.tokenizer.get_vocab() if word.isalpha())
-    texts = [q for entry in faq.entries for q in entry.questions]
-    normalizer = Normalizer([*texts, *(entry.answer for entry in faq.entries)], vocabulary)
+    normalizer = faq_normalizer(faq, embed.tokenizer)
     cleaned = [normalizer(row.text) for row in rows]
     message_words = [content_words(text) for text in cleaned]
     vectors = await embed(cleaned)
@@ -90,20 +88,11 @@ async def collect(
         table = WordTable(index)
         known, unseen = table.lookup(message_words)
         known.update(table.add(unseen, await embed(unseen)))
-        logits = index.logits(vectors)
-        answers = vectors @ index.answer_vectors.T
-        ids = [entry.id for entry in part.entries]
-        for row, words, row_logits, row_answers in zip(
-            rows, message_words, logits, answers, strict=True
-        ):
-            order = [int(k) for k in np.argsort(-row_logits, kind="stable")]
-            top = order[0]
-            message = to_message(words, known, table.width)
-            coverage = table.entries[top].coverage(message.words, message.vectors)
-            samples.append(
-                features(row_logits, order, top, index.reference, float(row_answers[top]), coverage)
-            )
-            right.append(int(row.faq == ids[top]))
+        messages = [to_message(words, known, table.width) for words in message_words]
+        ranked = ranked_features(index, vectors, messages, table.entries, places=1)
+        for row, (order, values) in zip(rows, ranked, strict=True):
+            samples.append(values[0])
+            right.append(int(row.faq == part.entries[order[0]].id))
     return samples, right
 
 

@@ -38,6 +38,8 @@ BIAS = -7.007
 #: entries are scored (the others get 0.0).
 MAX_SUGGESTIONS = 3
 
+Features = tuple[float, float, float, float]
+
 
 @dataclass(frozen=True, slots=True)
 class Match:
@@ -56,7 +58,7 @@ class Match:
 
 def features(
     logits: Vectors, order: Sequence[int], k: int, reference: float, answer: float, coverage: float
-) -> tuple[float, float, float, float]:
+) -> Features:
     """The calibration features of entry `k` for one message (see the module doc)."""
     others = [logits[j] for j in order[:2] if j != k]  # `order` is best first
     best_other = float(others[0]) if others else 0.0  # a one-entry FAQ
@@ -73,6 +75,35 @@ def calibrate(values: Sequence[float]) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
+def ranked_features(
+    index: FaqIndex,
+    vectors: Vectors,
+    messages: Sequence[MessageWords],
+    entry_words: Sequence[EntryWords],
+    places: int = MAX_SUGGESTIONS,
+) -> list[tuple[list[int], list[Features]]]:
+    """Per row of `vectors`: the entries best first, and the features of the
+    first `places` of them (what `rank` scores and the calibration fits)."""
+    logits = index.logits(vectors)
+    answers = vectors @ index.answer_vectors.T
+    result = []
+    for row, answer_row, message in zip(logits, answers, messages, strict=True):
+        order = [int(k) for k in np.argsort(-row, kind="stable")]
+        values = [
+            features(
+                row,
+                order,
+                k,
+                index.reference,
+                float(answer_row[k]),
+                entry_words[k].coverage(message.words, message.vectors),
+            )
+            for k in order[:places]
+        ]
+        result.append((order, values))
+    return result
+
+
 def rank(
     index: FaqIndex,
     vectors: Vectors,
@@ -80,20 +111,12 @@ def rank(
     entry_words: Sequence[EntryWords],
 ) -> list[Match]:
     """One `Match` per row of `vectors` (embeddings of normalised messages)."""
-    logits = index.logits(vectors)
-    answers = vectors @ index.answer_vectors.T
     matches = []
-    for row, answer_row, message in zip(logits, answers, messages, strict=True):
-        order = [int(k) for k in np.argsort(-row, kind="stable")]
-        ranked = []
-        for place, k in enumerate(order):
-            score = 0.0
-            if place < MAX_SUGGESTIONS:
-                coverage = entry_words[k].coverage(message.words, message.vectors)
-                values = features(row, order, k, index.reference, float(answer_row[k]), coverage)
-                score = calibrate(values)
-            ranked.append((index.entries[k], score))
-        matches.append(Match(tuple(ranked)))
+    for order, values in ranked_features(index, vectors, messages, entry_words):
+        scores = [calibrate(v) for v in values] + [0.0] * (len(order) - len(values))
+        matches.append(
+            Match(tuple((index.entries[k], s) for k, s in zip(order, scores, strict=True)))
+        )
     return matches
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from bot.knowledge.embedder import Embedder, Vectors
 from bot.knowledge.faq import FaqEntry, FaqFile, KnowledgeError, load_faq
 from bot.knowledge.index import FaqIndex, IndexCache, build_index
 from bot.knowledge.matching import Match, chosen_suggestion, rank, suggestion_text, suggestions
-from bot.knowledge.text import Normalizer
+from bot.knowledge.text import Normalizer, faq_normalizer
 from bot.messages import Incoming, Source
 from bot.ports import KnowledgeDecision
 
@@ -147,16 +147,8 @@ class KnowledgeService:
             index = await build_index(faq, self.embedder.embed_many)
             await asyncio.to_thread(self.cache.save, index, model)
             log.info("FAQ index of %s built: %d entries", self.path, len(faq.entries))
-        texts = [q for entry in faq.entries for q in entry.questions]
-        texts += [entry.answer for entry in faq.entries]
-        normalizer = await asyncio.to_thread(Normalizer, texts, self._vocabulary())
+        normalizer = await asyncio.to_thread(faq_normalizer, faq, self.embedder.tokenizer)
         return _Loaded(index, normalizer, signature, WordTable(index))
-
-    def _vocabulary(self) -> frozenset[str]:
-        tokenizer = self.embedder.tokenizer
-        if tokenizer is None:
-            return frozenset()
-        return frozenset(word for word in tokenizer.get_vocab() if word.isalpha())
 
     # -- the file changing ---------------------------------------------------------
 
@@ -187,10 +179,10 @@ class KnowledgeService:
                 faq = await asyncio.to_thread(load_faq, self.path)
             except KnowledgeError as exc:
                 log.error("%s; keeping the previous FAQ", exc)
-                self._loaded = _Loaded(loaded.index, loaded.normalizer, signature, loaded.words)
+                self._loaded = replace(loaded, signature=signature)
                 return False
             if faq.digest == loaded.index.faq.digest:
-                self._loaded = _Loaded(loaded.index, loaded.normalizer, signature, loaded.words)
+                self._loaded = replace(loaded, signature=signature)
                 return False
             self._loaded = await self._load(faq, signature)
             self.rebuilds += 1

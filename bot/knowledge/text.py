@@ -14,6 +14,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.knowledge.faq import FaqFile
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _WORD_ANY_CASE = re.compile(r"[A-Za-z0-9]+(?:['\u2019][A-Za-z]+)?")
@@ -154,3 +158,14 @@ class Normalizer:
             return word if corrected == lower else corrected
 
         return _WORD_ANY_CASE.sub(fix, text.strip())
+
+
+def faq_normalizer(faq: FaqFile, tokenizer: Any | None) -> Normalizer:
+    """The normalizer of `faq`'s questions and answers; `tokenizer` (the
+    embedding model's) supplies the words never to correct."""
+    texts = [question for entry in faq.entries for question in entry.questions]
+    texts += [entry.answer for entry in faq.entries]
+    known: frozenset[str] = frozenset()
+    if tokenizer is not None:
+        known = frozenset(word for word in tokenizer.get_vocab() if word.isalpha())
+    return Normalizer(texts, known)
