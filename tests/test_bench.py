@@ -104,7 +104,7 @@ async def test_concurrent_users_get_their_own_replies(make_config: Callable[...,
 
 async def test_int8_quantization_leaves_a_working_model(make_config: Callable[..., Config]) -> None:
     from bot.engine_settings import local_engine_settings
-    from bot.engines.gpt2 import Int8Conv1D
+    from bot.engines.linears import Int8Conv1D
     from bot.engines.text import LocalTextEngine
 
     config = make_config(
@@ -127,7 +127,7 @@ async def test_int8_quantization_leaves_a_working_model(make_config: Callable[..
 def test_int8_keeps_held_out_perplexity_close(tiny_model_dir: Path) -> None:
     pytest.importorskip("bot.training.evaluate")
     from bot.bench.workloads import perplexity_of
-    from bot.engines.gpt2 import quantize_int8
+    from bot.engines.linears import quantize_int8
     from bot.engines.loading import load_causal_lm
     from bot.engines.settings import ModelSource
 

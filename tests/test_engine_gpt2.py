@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bot.engines import EngineUnavailable
-from bot.engines.gpt2 import Gpt2Runner, Int8Conv1D, quantize_int8
+from bot.engines.gpt2 import Gpt2Runner
+from bot.engines.linears import Int8Conv1D, quantize_int8
 from bot.engines.loading import load_causal_lm
 from bot.engines.settings import ModelSource
 
@@ -97,7 +98,7 @@ def test_prefill_groups_rows_of_similar_length() -> None:
 
 
 def test_bf16_linears_stay_close_to_fp32(tiny_model_dir: Path, model: Any) -> None:
-    from bot.engines.gpt2 import Bf16Conv1D, quantize_linears
+    from bot.engines.linears import Bf16Conv1D, quantize_linears
 
     fast = load_causal_lm(ModelSource(str(tiny_model_dir), "cpu"))[0]
     assert quantize_linears(fast, "bf16") == 4 * model.config.n_layer
@@ -113,7 +114,7 @@ def test_bf16_linears_stay_close_to_fp32(tiny_model_dir: Path, model: Any) -> No
 
 @pytest.fixture(scope="module")
 def bf16_model(tiny_model_dir: Path) -> Any:
-    from bot.engines.gpt2 import quantize_linears
+    from bot.engines.linears import quantize_linears
 
     fast = load_causal_lm(ModelSource(str(tiny_model_dir), "cpu"))[0]
     quantize_linears(fast, "bf16")
@@ -132,7 +133,7 @@ def test_bf16_runner_computes_in_bf16_and_stays_close_to_fp32(model: Any, bf16_m
     """Prefill and decode with bf16 products, attention and cache (what
     text.quantize = "auto" runs on a CPU with AMX): the logits of rows of
     different lengths in one batch stay close to transformers' fp32 ones."""
-    from bot.engines.gpt2 import runs_bf16
+    from bot.engines.linears import runs_bf16
 
     if not runs_bf16(bf16_model):
         pytest.skip("this torch has no oneDNN")

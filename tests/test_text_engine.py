@@ -463,7 +463,7 @@ async def test_a_bf16_engine_keeps_its_keys_in_bf16_and_reuses_them(
     keys/values (half the bytes), and a conversation's next turn reuses them."""
     import torch
 
-    from bot.engines.gpt2 import runs_bf16
+    from bot.engines.linears import runs_bf16
 
     running = LocalTextEngine(text_config(quantize="bf16", kv_cache_mb=32))
     await running.start()

@@ -23,30 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.engines import EngineUnavailable
-from bot.engines.linears import (
-    FUSED_ACTIVATIONS,
-    Bf16Conv1D,
-    Bf16Linear,
-    Int8Conv1D,
-    Linear,
-    bf16_is_fast,
-    linear_of,
-    quantize_int8,
-    quantize_linears,
-    runs_bf16,
-)
-
-__all__ = [
-    "Bf16Conv1D",
-    "Gpt2Runner",
-    "Int8Conv1D",
-    "Prefill",
-    "bf16_is_fast",
-    "quantize_int8",
-    "quantize_linears",
-    "runs_bf16",
-    "supports",
-]
+from bot.engines.linears import FUSED_ACTIVATIONS, Bf16Linear, Linear, linear_of, runs_bf16
 
 _TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}
 

@@ -186,7 +186,8 @@ class LocalTextEngine:
     def _load(self) -> None:
         import torch
 
-        from bot.engines.gpt2 import Gpt2Runner, bf16_is_fast, quantize_linears, supports
+        from bot.engines.gpt2 import Gpt2Runner, supports
+        from bot.engines.linears import bf16_is_fast, quantize_linears
 
         s = self.settings
         # Denormal floats take a slow microcode path on x86: with them a decode
