@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from bot.engines import EngineUnavailable
-from bot.engines.linears import FUSED_ACTIVATIONS, Bf16Linear, Linear, linear_of, runs_bf16
+from bot.engines.linears import (
+    FUSED_ACTIVATIONS,
+    Bf16Linear,
+    Linear,
+    amx_available,
+    linear_of,
+    runs_bf16,
+)
 
 _TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}
 
@@ -140,9 +147,15 @@ class Gpt2Runner:
         #: each layer's keys and values side by side, so one copy stores a pass's both
         self.cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.keys, self.values = self.cache[:, 0], self.cache[:, 1]
-        # decode steps attend through SDPA on CUDA and in bf16 (its bf16 kernel
-        # reads the cache at half the bytes), through two matmuls in fp32 on the CPU
-        self._sdpa_decode = device.type == "cuda" or self.half
+        # Decode steps attend through SDPA on CUDA and in bf16 on a CPU with AMX (its
+        # bf16 kernel reads the cache at half the bytes), through two matmuls
+        # elsewhere: SDPA's bf16 kernel without AMX took 4-7x as long as matmuls.
+        self._sdpa_decode = device.type == "cuda" or (self.half and amx_available())
+        # oneDNN's bf16 matmul copies an operand that is not contiguous (a slice of
+        # the slots' positions: 70% of a 32-row step went to those copies), so bf16
+        # decode steps without SDPA attend over the slots' whole width, which is
+        # contiguous, masked (8.9 against 12.5 ms for 32 rows at 140-180 positions)
+        self._whole_width = self.half and not self._sdpa_decode
 
     def _linear(self, module: Any, activation: str | None = None) -> Linear:
         """The product of one of the blocks' linear layers, its activation
@@ -226,7 +239,7 @@ class Gpt2Runner:
         offset = 0
         if tokens is not None and positions is not None and tokens.shape[0]:
             rows = tokens.shape[0]
-            span = int(positions.max().item()) + 1
+            span = stride if self._whole_width else int(positions.max().item()) + 1
             visible = torch.arange(span, device=device)[None, :] <= positions[:, None]
             parts.append(_Part(offset, 0, rows, 1, span, visible[:, None, None]))
             ids.append(tokens)

@@ -78,10 +78,21 @@ class Bf16Conv1D(torch.nn.Module):
         return self.forward2d(x.reshape(-1, shape[-1])).view(*shape[:-1], -1)
 
 
-def bf16_is_fast() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+def _cpu_has(probe_name: str) -> bool:
+    probe = getattr(torch.cpu, probe_name, None)
     return bool(probe is not None and probe())
+
+
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles (where SDPA's bf16 kernel is fast too)."""
+    return _cpu_has("_is_amx_tile_supported")
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: AMX, or AVX512-BF16's
+    dot products (an AMD EPYC with AVX512-BF16: oneDNN's bf16 products 2-2.6x as
+    fast as fp32 from 8 rows up)."""
+    return amx_available() or _cpu_has("_is_avx512_bf16_supported")
 
 
 def packed_linears_available() -> bool:
