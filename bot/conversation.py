@@ -194,7 +194,7 @@ class Conversation:
         """The knowledge base's answer when it has one, else the model's; or
         the conversation goes to people."""
         manager = self.manager
-        history = await self.store.conversations.history(
+        history = await self.store.conversations.recent_history(
             stored.conversation_id, before_id=stored.id, limit=self.history_limit()
         )
         if manager.knowledge is not None:

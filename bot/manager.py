@@ -59,6 +59,8 @@ class ConversationManager:
     ) -> None:
         self.config = config
         self.store = store
+        # The prompt's turns come from the store's memory of them (storage.history).
+        store.recent.resize(config.storage.history_cache)
         self.engine = engine
         self.drawer = drawer
         self.metrics = metrics

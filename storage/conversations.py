@@ -3,13 +3,20 @@
 A conversation is one thread of history for `(platform, chat_id, owner)`
 (`owner` = "" when a whole chat shares it); `/reset` closes it. A user
 message is committed with `turn_done = False`; storing its reply ends its
-turn (storage.turns has the rest of the turn's primitives). The message path runs for every message,
-so its statements are built once, on the Core tables, with bound parameters:
-SQLAlchemy then reuses their compiled form instead of rebuilding them.
+turn (storage.turns has the rest of the turn's primitives). The message
+path runs for every message, so its statements are built once, on the Core
+tables, with bound parameters: SQLAlchemy then reuses their compiled form
+instead of rebuilding them.
+
+Every write that adds a message also moves its conversation's `version` (in
+the statement that looks the conversation up, or checks its handoff state),
+which keeps `recent` (storage.history) honest: the prompt's turns come from
+memory instead of being read back for every reply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,11 +30,14 @@ from sqlalchemy.engine import Connection
 
 from storage.base import (
     Repository,
+    Transactions,
+    aware,
     guarded,
     inserted_id,
     iso,
     rows_affected,
 )
+from storage.history import FILL_SLACK, RecentTurns, turn_key
 from storage.models import Conversation, Message, User, utcnow
 
 messages_table: Table = Message.__table__  # type: ignore[assignment]
@@ -102,11 +112,50 @@ _ACTIVE_CONVERSATION = (
     .order_by(conversations_table.c.id.desc())
     .limit(1)
 )
-_SET_ADDRESS = (
+_version = conversations_table.c.version
+#: A user message's conversation: the active one, its version moved (a
+#: message follows in the same transaction) and its state read, in one statement.
+_TOUCH_ACTIVE = (
+    update(conversations_table)
+    .where(
+        conversations_table.c.id
+        == select(conversations_table.c.id)
+        .where(
+            # (an UPDATE keeps the columns' own names for its SET clause)
+            conversations_table.c.platform == bindparam("key_platform"),
+            conversations_table.c.chat_id == bindparam("key_chat_id"),
+            conversations_table.c.owner == bindparam("key_owner"),
+            conversations_table.c.active.is_(True),
+        )
+        .order_by(conversations_table.c.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    .values(version=_version + 1)
+    .returning(conversations_table.c.id, conversations_table.c.handoff_state, _version)
+)
+#: The same, also remembering where replies go.
+_TOUCH_ACTIVE_AT = _TOUCH_ACTIVE.values(
+    address=bindparam("address", type_=conversations_table.c.address.type)
+)
+#: A reply's conversation, its version moved, unless people hold it now.
+_TOUCH_FOR_REPLY = (
+    update(conversations_table)
+    .where(
+        conversations_table.c.id == bindparam("conversation_id"),
+        conversations_table.c.handoff_state == "bot",
+    )
+    .values(version=_version + 1)
+    .returning(_version)
+)
+#: Any message's conversation, its version moved.
+_TOUCH = (
     update(conversations_table)
     .where(conversations_table.c.id == bindparam("conversation_id"))
-    .values(address=bindparam("address"))
+    .values(version=_version + 1)
+    .returning(_version)
 )
+_VERSION = select(_version).where(conversations_table.c.id == bindparam("conversation_id"))
 _BY_DEDUP_KEY = select(
     messages_table.c.id,
     messages_table.c.conversation_id,
@@ -128,6 +177,8 @@ _HISTORY_COLUMNS = select(
 ).where(messages_table.c.conversation_id == bindparam("conversation_id"))
 _HISTORY_ORDER = (turn_order.desc(), messages_table.c.id.desc())
 _HISTORY = _HISTORY_COLUMNS.order_by(*_HISTORY_ORDER).limit(bindparam("limit"))
+#: The newest messages with what they answer: what fills the in-memory turns.
+_RECENT = _HISTORY.add_columns(messages_table.c.reply_to_id)
 _HISTORY_BEFORE = (
     _HISTORY_COLUMNS.where(turn_order < bindparam("before_id"))
     .order_by(*_HISTORY_ORDER)
@@ -182,6 +233,14 @@ def _insert_message(connection: Connection, statement: Any, **values: Any) -> St
     )
 
 
+def _stored(*columns: Any) -> StoredMessage:
+    """A history row as a message, its time in UTC with its zone (as written)."""
+    message = StoredMessage(*columns)
+    if message.created_at.tzinfo is None:  # SQLite's are naive UTC
+        return dataclasses.replace(message, created_at=aware(message.created_at))
+    return message
+
+
 def _history_rows(
     connection: Connection, conversation_id: int, before_id: int | None, limit: int
 ) -> list[Any]:
@@ -192,7 +251,16 @@ def _history_rows(
 
 
 class Conversations(Repository):
-    """Threads of history, their messages and the turn of each user message."""
+    """Threads of history, their messages and the turn of each user message.
+
+    `recent` keeps the newest turns of the conversations this process serves
+    (storage.history): every write here tells it what changed, and
+    `recent_history` reads from it when it is known to be current.
+    """
+
+    def __init__(self, db: Transactions, recent: RecentTurns | None = None) -> None:
+        super().__init__(db)
+        self.recent = recent if recent is not None else RecentTurns(0)
 
     @guarded
     async def add_user_message(
@@ -220,29 +288,33 @@ class Conversations(Repository):
             "created_at": utcnow(),
         }
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
+        touch = _TOUCH_ACTIVE if address is None else _TOUCH_ACTIVE_AT
+        touch_params: dict[str, Any] = {
+            "key_platform": platform,
+            "key_chat_id": chat_id,
+            "key_owner": owner,
+        }
+        if address is not None:
+            touch_params["address"] = address
 
-        def work(connection: Connection) -> Intake:
+        def work(connection: Connection) -> tuple[Intake, _Touched]:
             if self.dialect == "postgresql":
                 # Serialise get-or-create of the active conversation across processes.
                 connection.execute(XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
             connection.execute(upsert, user)
-            found = connection.execute(_ACTIVE_CONVERSATION, key).first()
+            found = connection.execute(touch, touch_params).first()
             if found is None:
-                result = connection.execute(
-                    _INSERT_CONVERSATION,
-                    {**key, "active": True, "started_at": utcnow(), "address": address},
-                )
-                conversation_id, state = inserted_id(result), "bot"
+                values = {**key, "active": True, "started_at": utcnow(), "address": address}
+                result = connection.execute(_INSERT_CONVERSATION, {**values, "version": 1})
+                touched = _Touched(inserted_id(result), 1, created=True)
+                state = "bot"
             else:
-                conversation_id, state = int(found.id), str(found.handoff_state)
-                if address is not None and found.address != address:
-                    connection.execute(
-                        _SET_ADDRESS, {"conversation_id": conversation_id, "address": address}
-                    )
+                touched = _Touched(int(found.id), int(found.version))
+                state = str(found.handoff_state)
             stored = _insert_message(
                 connection,
                 insert_message,
-                conversation_id=conversation_id,
+                conversation_id=touched.conversation_id,
                 platform=platform,
                 chat_id=chat_id,
                 user_id=user_id,
@@ -254,14 +326,22 @@ class Conversations(Repository):
                 handled_by=handled_by,
             )
             if stored is not None:
-                return Intake(stored, duplicate=False, answered=False, handoff_state=state)
+                return Intake(stored, False, False, state), touched
             row = connection.execute(_BY_DEDUP_KEY, {"dedup_key": dedup_key}).one()
             earlier = StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at)
-            return Intake(
-                earlier, duplicate=True, answered=bool(row.turn_done), handoff_state=state
-            )
+            return Intake(earlier, True, bool(row.turn_done), state), touched
 
-        return await self.db.write_rows(work)
+        thread = (platform, chat_id, owner)
+        try:
+            intake, touched = await self.db.write_rows(work)
+        except BaseException:
+            self.recent.drop_key(thread)  # committed or not: not known
+            raise
+        if touched.created:
+            self.recent.started(thread, touched.conversation_id, touched.version - 1)
+        added = None if intake.duplicate else intake.message
+        touched.tell(self.recent, added, key=thread)
+        return intake
 
     @guarded
     async def add_bot_message(
@@ -278,19 +358,20 @@ class Conversations(Repository):
         nothing stored, when the turn was over already (another process
         answered it) or people hold the conversation now (an operator claimed
         it while the reply was being written): the bot never answers over them."""
+        conversation_id = reply_to.conversation_id
 
-        def work(connection: Connection) -> StoredMessage | None:
+        def work(connection: Connection) -> tuple[StoredMessage, _Touched] | None:
             if not rows_affected(connection.execute(FINISH_TURN, {"message_id": reply_to.id})):
                 return None
-            state = connection.execute(
-                _HANDOFF_STATE, {"conversation_id": reply_to.conversation_id}
+            version = connection.execute(
+                _TOUCH_FOR_REPLY, {"conversation_id": conversation_id}
             ).scalar()
-            if state not in (None, "bot"):
+            if version is None:  # people hold it (or it is gone)
                 return None
-            return _insert_message(
+            stored = _insert_message(
                 connection,
                 _INSERT_MESSAGE,
-                conversation_id=reply_to.conversation_id,
+                conversation_id=conversation_id,
                 platform=platform,
                 user_id=user_id,
                 role="bot",
@@ -299,8 +380,19 @@ class Conversations(Repository):
                 source=source,
                 tokens=tokens,
             )
+            assert stored is not None
+            return stored, _Touched(conversation_id, int(version))
 
-        return await self.db.write_rows(work)
+        try:
+            done = await self.db.write_rows(work)
+        except BaseException:
+            self.recent.drop(conversation_id)
+            raise
+        if done is None:
+            return None
+        stored, touched = done
+        touched.tell(self.recent, stored, reply_to_id=reply_to.id)
+        return stored
 
     @guarded
     async def add_operator_message(
@@ -308,7 +400,8 @@ class Conversations(Repository):
     ) -> StoredMessage:
         """Store what a person wrote into a conversation."""
 
-        def work(connection: Connection) -> StoredMessage:
+        def work(connection: Connection) -> tuple[StoredMessage, int | None]:
+            version = connection.execute(_TOUCH, {"conversation_id": conversation_id}).scalar()
             stored = _insert_message(
                 connection,
                 _INSERT_MESSAGE,
@@ -322,9 +415,16 @@ class Conversations(Repository):
                 source={"kind": "operator"},
             )
             assert stored is not None
-            return stored
+            return stored, version
 
-        return await self.db.write_rows(work)
+        try:
+            stored, version = await self.db.write_rows(work)
+        except BaseException:
+            self.recent.drop(conversation_id)
+            raise
+        if version is not None:
+            _Touched(conversation_id, int(version)).tell(self.recent, stored)
+        return stored
 
     @guarded
     async def replies_to(self, message: StoredMessage) -> list[tuple[str, dict[str, Any] | None]]:
@@ -343,11 +443,46 @@ class Conversations(Repository):
     ) -> list[StoredMessage]:
         """The newest `limit` messages of a thread in turn order (each reply
         right after the message it answers), oldest first, all anchored before
-        `before_id` when given."""
+        `before_id` when given. Always read from the database."""
         rows = await self.db.read_rows(
             lambda connection: _history_rows(connection, conversation_id, before_id, limit)
         )
-        return [StoredMessage(*row) for row in reversed(rows)]
+        return [_stored(*row) for row in reversed(rows)]
+
+    @guarded
+    async def recent_history(
+        self, conversation_id: int, *, before_id: int | None = None, limit: int = 200
+    ) -> list[StoredMessage]:
+        """What `history` reads, from the newest turns kept in memory when they
+        are known to be current (on PostgreSQL, where other processes write
+        too, after reading the conversation's version); else read, and kept."""
+        recent = self.recent
+        if not recent.capacity:
+            return await self.history(conversation_id, before_id=before_id, limit=limit)
+        recent.wants(conversation_id, limit)
+        held = recent.version(conversation_id)
+        if held is not None and self.dialect != "sqlite":
+            current = await self.db.read_rows(
+                lambda connection: connection.execute(
+                    _VERSION, {"conversation_id": conversation_id}
+                ).scalar()
+            )
+            if current != held:
+                recent.drop(conversation_id)
+        found = recent.read(conversation_id, before_id, limit)
+        if found is not None:
+            return found
+        asked = limit + FILL_SLACK
+        version, rows = await self.db.read_rows(
+            lambda connection: _recent_rows(connection, conversation_id, asked)
+        )
+        if version is None:  # the conversation is gone
+            return []
+        recent.fill(conversation_id, version, rows, asked=asked)
+        found = recent.peek(conversation_id, before_id, limit)
+        if found is None:  # more than FILL_SLACK messages sort after `before_id`
+            return await self.history(conversation_id, before_id=before_id, limit=limit)
+        return found
 
     @guarded
     async def active_history(
@@ -362,7 +497,7 @@ class Conversations(Repository):
             return _history_rows(connection, found.id, None, limit)
 
         rows = await self.db.read_rows(work)
-        return [StoredMessage(*row) for row in reversed(rows)]
+        return [_stored(*row) for row in reversed(rows)]
 
     @guarded
     async def locate(self, conversation_id: int) -> ConversationPlace | None:
@@ -391,19 +526,22 @@ class Conversations(Repository):
         """The active conversation's id and handoff state, created if there is none."""
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
 
-        def work(connection: Connection) -> tuple[int, str]:
+        def work(connection: Connection) -> tuple[int, str, bool]:
             if self.dialect == "postgresql":
                 connection.execute(XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
             found = connection.execute(_ACTIVE_CONVERSATION, key).first()
             if found is not None:
-                return int(found.id), str(found.handoff_state)
+                return int(found.id), str(found.handoff_state), False
             result = connection.execute(
                 _INSERT_CONVERSATION,
                 {**key, "active": True, "started_at": utcnow(), "address": address},
             )
-            return inserted_id(result), "bot"
+            return inserted_id(result), "bot", True
 
-        return await self.db.write_rows(work)
+        conversation_id, state, created = await self.db.write_rows(work)
+        if created:
+            self.recent.started((platform, chat_id, owner), conversation_id, 0)
+        return conversation_id, state
 
     @guarded
     async def reset(self, platform: str, chat_id: str, owner: str) -> bool:
@@ -418,6 +556,44 @@ class Conversations(Repository):
             )
             .values(active=False)
         )
+        self.recent.drop_key((platform, chat_id, owner))
         return await self.db.write_rows(
             lambda connection: bool(rows_affected(connection.execute(statement)))
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Touched:
+    """A write moved this conversation to `version` (from `version - 1`)."""
+
+    conversation_id: int
+    version: int
+    created: bool = False
+
+    def tell(
+        self,
+        recent: RecentTurns,
+        added: StoredMessage | None,
+        *,
+        reply_to_id: int | None = None,
+        key: tuple[str, str, str] | None = None,
+    ) -> None:
+        recent.wrote(
+            self.conversation_id, self.version - 1, self.version, added, reply_to_id, key=key
+        )
+
+
+def _recent_rows(
+    connection: Connection, conversation_id: int, limit: int
+) -> tuple[int | None, list[tuple[tuple[int, int], StoredMessage]]]:
+    """The conversation's version, then (so that they are at least as new) its
+    newest `limit` messages with their sort keys."""
+    version = connection.execute(_VERSION, {"conversation_id": conversation_id}).scalar()
+    if version is None:
+        return None, []
+    rows = connection.execute(_RECENT, {"conversation_id": conversation_id, "limit": limit})
+    out = []
+    for *columns, reply_to_id in rows:
+        message = _stored(*columns)
+        out.append((turn_key(message, reply_to_id), message))
+    return int(version), out

@@ -73,6 +73,8 @@ class Conversation(Base):
     handoff_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     #: Questions in a row the bot could not answer (reset by an answered one).
     unanswered_streak: Mapped[int] = mapped_column(Integer, default=0, server_default=sql_text("0"))
+    #: One more with every write that adds or deletes its messages (storage.history).
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default=sql_text("0"))
 
 
 class Message(Base):

@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from storage.base import Repository, guarded, iso, rows_affected
+from storage.base import Repository, Transactions, guarded, iso, rows_affected
 from storage.conversations import StoredMessage, turn_order
+from storage.history import RecentTurns
 from storage.models import Conversation, Draw, Message, UnansweredQuestion, User
 
 
@@ -46,6 +47,10 @@ class UserStats:
 
 
 class People(Repository):
+    def __init__(self, db: Transactions, recent: RecentTurns | None = None) -> None:
+        super().__init__(db)
+        self.recent = recent if recent is not None else RecentTurns(0)
+
     @guarded
     async def export(self, platform: str, user_id: str) -> list[ExportedConversation]:
         """Every message from or to one person, grouped by conversation."""
@@ -79,10 +84,26 @@ class People(Repository):
     async def forget(self, platform: str, user_id: str) -> ForgetResult:
         """Delete everything stored about one person; returns image files to remove."""
 
+        touched: set[int] = set()
+
         def work(session: Session) -> ForgetResult:
             mine = (Message.platform == platform, Message.user_id == user_id)
             conversation_ids = set(session.scalars(select(Message.conversation_id).where(*mine)))
+            touched.update(conversation_ids)
+            touched.update(
+                session.scalars(
+                    select(Conversation.id).where(
+                        Conversation.platform == platform, Conversation.owner == user_id
+                    )
+                )
+            )
             message_count = session.scalar(select(func.count()).select_from(Message).where(*mine))
+            if conversation_ids:  # what other processes hold of them is stale now
+                session.execute(
+                    update(Conversation)
+                    .where(Conversation.id.in_(conversation_ids))
+                    .values(version=Conversation.version + 1)
+                )
             session.execute(delete(Message).where(*mine))
             emptied = 0
             for conversation_id in conversation_ids:
@@ -117,7 +138,11 @@ class People(Repository):
                 image_paths=image_paths,
             )
 
-        return await self.db.write(work)
+        try:
+            return await self.db.write(work)
+        finally:
+            for conversation_id in touched:
+                self.recent.drop(conversation_id)
 
     @guarded
     async def stats(self, platform: str, user_id: str) -> UserStats:

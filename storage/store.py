@@ -1,6 +1,7 @@
 """`Store`: the one entry point to persistence, one repository per aggregate.
 
     store.conversations   conversations and their messages (storage.conversations)
+    store.recent          the newest turns of the conversations served here (storage.history)
     store.turns           each user message's turn: lock, end, take over (storage.turns)
     store.people          users: stats, export, forget (storage.people)
     store.sessions        web-widget sessions (storage.sessions)
@@ -22,6 +23,7 @@ from storage.database import create_engine, create_sqlite_sync_engine, migrate
 from storage.draws import Draws
 from storage.governance import GovernanceRecords
 from storage.handoff import Handoffs
+from storage.history import DEFAULT_CONVERSATIONS, RecentTurns
 from storage.instances import Instances
 from storage.knowledge import UnansweredQuestions
 from storage.people import People
@@ -35,12 +37,14 @@ _WRITE_PROBE = text("UPDATE alembic_version SET version_num = version_num WHERE 
 class Store:
     """Async persistence for users, conversations, messages, draws and web sessions."""
 
-    def __init__(self, db: Transactions) -> None:
+    def __init__(self, db: Transactions, *, history_cache: int = DEFAULT_CONVERSATIONS) -> None:
         self.db = db
         self.engine = db.engine
-        self.conversations = Conversations(db)
+        #: The newest turns of the conversations this process serves (storage.history).
+        self.recent = RecentTurns(history_cache)
+        self.conversations = Conversations(db, self.recent)
         self.turns = Turns(db)
-        self.people = People(db)
+        self.people = People(db, self.recent)
         self.sessions = WebSessions(db)
         self.draws = Draws(db)
         self.instances = Instances(db)
@@ -56,6 +60,7 @@ class Store:
         busy_timeout_ms: int = 5000,
         echo: bool = False,
         pool_timeout_s: float = 30,
+        history_cache: int = DEFAULT_CONVERSATIONS,
     ) -> Store:
         """Connect and apply migrations; raises `StorageUnavailable` if it can't."""
         engine = create_engine(
@@ -69,7 +74,7 @@ class Store:
         sync_engine = None
         if engine.dialect.name == "sqlite":
             sync_engine = create_sqlite_sync_engine(url, busy_timeout_ms=busy_timeout_ms, echo=echo)
-        return cls(Transactions(engine, sync_engine))
+        return cls(Transactions(engine, sync_engine), history_cache=history_cache)
 
     async def close(self) -> None:
         await self.db.close()

@@ -17,6 +17,7 @@ from bot.config import Config
 from bot.manager import ConversationManager
 from bot.messages import Incoming, Notice, NoticeKind, Reply, Text, Typing
 from storage import StorageUnavailable, Store
+from storage.history import RecentTurns
 
 
 @pytest.fixture
@@ -268,6 +269,7 @@ async def test_database_down_is_a_notice_not_a_crash(config: Config, store: Stor
 
     class DownStore:
         conversations = people = Down()
+        recent = RecentTurns(0)
 
     manager = ConversationManager(config, DownStore(), ScriptedEngine())  # type: ignore[arg-type]
     for text in ("hello", "/stats"):

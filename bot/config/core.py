@@ -42,6 +42,9 @@ class StorageSection(Section):
     url: str = "sqlite+aiosqlite:///data/bot.db"
     busy_timeout_ms: Annotated[int, Field(ge=0)] = 5000
     echo: bool = False
+    #: Conversations whose newest turns are kept in memory between messages
+    #: (least recently used first out); 0 = read them from the database every time.
+    history_cache: Annotated[int, Field(ge=0)] = 1000
     #: Redis for events between processes (pub/sub); "" = PostgreSQL LISTEN/NOTIFY
     #: on PostgreSQL, in-process on SQLite.
     redis_url: str = ""
