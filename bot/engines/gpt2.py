@@ -67,6 +67,25 @@ def _padded(tokens: int) -> int:
     return -(-tokens // quantum) * quantum
 
 
+#: How a decode step's rows (one query each) attend:
+#: SDPA's fused kernel (on CUDA, and in bf16 on a CPU with AMX: it reads the cache
+#: at half the bytes); two products over each row's span (fp32 on the CPU: MKL
+#: reads the strided slice of the cache in place); or two products over the
+#: slots' whole width, masked (bf16 on a CPU without AMX: SDPA's bf16 kernel took
+#: 4-7x as long as products there, and oneDNN's bf16 product copies an operand
+#: that is not contiguous, as a slice of the slots' positions is: 70% of a 32-row
+#: step went to those copies; the whole width is contiguous).
+SDPA, SPAN, WHOLE_WIDTH = "sdpa", "span", "whole width"
+DECODE_ATTENTION = (SDPA, SPAN, WHOLE_WIDTH)
+
+
+def decode_attention(device: torch.device, *, half: bool) -> str:
+    """The `DECODE_ATTENTION` a runner on `device` uses (`half`: bf16 on the CPU)."""
+    if device.type == "cuda" or (half and amx_available()):
+        return SDPA
+    return WHOLE_WIDTH if half else SPAN
+
+
 #: a prefill: `(first_slot, fresh token ids per row, start position per row)`
 Prefill = tuple[int, Sequence[Sequence[int]], Sequence[int]]
 
@@ -147,15 +166,8 @@ class Gpt2Runner:
         #: each layer's keys and values side by side, so one copy stores a pass's both
         self.cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.keys, self.values = self.cache[:, 0], self.cache[:, 1]
-        # Decode steps attend through SDPA on CUDA and in bf16 on a CPU with AMX (its
-        # bf16 kernel reads the cache at half the bytes), through two matmuls
-        # elsewhere: SDPA's bf16 kernel without AMX took 4-7x as long as matmuls.
-        self._sdpa_decode = device.type == "cuda" or (self.half and amx_available())
-        # oneDNN's bf16 matmul copies an operand that is not contiguous (a slice of
-        # the slots' positions: 70% of a 32-row step went to those copies), so bf16
-        # decode steps without SDPA attend over the slots' whole width, which is
-        # contiguous, masked (8.9 against 12.5 ms for 32 rows at 140-180 positions)
-        self._whole_width = self.half and not self._sdpa_decode
+        #: how decode steps attend (`DECODE_ATTENTION`)
+        self.decode_attention = decode_attention(device, half=self.half)
 
     def _linear(self, module: Any, activation: str | None = None) -> Linear:
         """The product of one of the blocks' linear layers, its activation
@@ -239,7 +251,8 @@ class Gpt2Runner:
         offset = 0
         if tokens is not None and positions is not None and tokens.shape[0]:
             rows = tokens.shape[0]
-            span = stride if self._whole_width else int(positions.max().item()) + 1
+            whole = self.decode_attention == WHOLE_WIDTH
+            span = stride if whole else int(positions.max().item()) + 1
             visible = torch.arange(span, device=device)[None, :] <= positions[:, None]
             parts.append(_Part(offset, 0, rows, 1, span, visible[:, None, None]))
             ids.append(tokens)
@@ -313,7 +326,7 @@ class Gpt2Runner:
             # in every layer; the decode matmuls add theirs inside the first product
             hidden = torch.zeros(part.visible.shape, dtype=self.dtype, device=x.device)
             hidden.masked_fill_(part.visible.logical_not(), -math.inf)
-            if not (self._sdpa_decode or part.width > 1):  # per (row, head): `baddbmm`'s
+            if part.width == 1 and self.decode_attention != SDPA:  # per (row, head): `baddbmm`'s
                 hidden = hidden.expand(part.rows, heads, 1, part.span)
                 hidden = hidden.reshape(part.rows * heads, 1, part.span)
             masks.append(hidden)
@@ -357,9 +370,8 @@ class Gpt2Runner:
         q = q.transpose(1, 2)
         k = keys[part.first_slot : part.first_slot + rows, :, : part.span]
         v = values[part.first_slot : part.first_slot + rows, :, : part.span]
-        if self._sdpa_decode or width > 1:
-            # SDPA's fused kernel wins for prefills, on CUDA and in bf16; for one
-            # fp32 query per row on the CPU two matmuls beat it
+        if width > 1 or self.decode_attention == SDPA:
+            # SDPA's fused kernel for prefills, and for decode steps where it wins
             attended = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scales[layer]
             )
