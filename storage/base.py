@@ -4,8 +4,9 @@ database failures surface.
 Every store method is one short transaction, written as a plain function over
 a SQLAlchemy `Session` and run where the backend wants it: on SQLite in one
 writer thread (reads on two reader threads), so a transaction costs one
-thread hand-off instead of one per statement; on PostgreSQL on the event loop
-through asyncpg. Database failures (down, locked past the busy timeout)
+thread hand-off instead of one per statement, and message writes that queue
+up together share one commit (storage.writer); on PostgreSQL on the event
+loop through asyncpg. Database failures (down, locked past the busy timeout)
 surface as `StorageUnavailable`, so the caller can tell a user "try again"
 instead of crashing.
 """
@@ -24,6 +25,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
+
+from storage.writer import Writer
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -80,30 +83,27 @@ class Transactions:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        # SQLite: one thread owns the writes (SQLite has one writer at a time
-        # anyway, and queueing them in arrival order beats racing for the file
-        # lock), two threads read (WAL readers never wait for the writer).
+        # SQLite: one thread owns the writes (storage.writer: in arrival order,
+        # several at once in one transaction), two threads read (WAL readers
+        # never wait for the writer).
         self.sync_engine = sync_engine
         self._sync_sessions = (
             sessionmaker(sync_engine, expire_on_commit=False) if sync_engine is not None else None
         )
-        self._writer: ThreadPoolExecutor | None = None
+        self.writer: Writer | None = None
         self._readers: ThreadPoolExecutor | None = None
         if sync_engine is not None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            self.writer = Writer(sync_engine)
             in_memory = sync_engine.url.database in (None, "", ":memory:")
-            self._readers = (
-                self._writer
-                if in_memory
-                else ThreadPoolExecutor(2, thread_name_prefix="sqlite-reader")
-            )
+            if not in_memory:  # one shared connection: its reads queue with the writes
+                self._readers = ThreadPoolExecutor(2, thread_name_prefix="sqlite-reader")
 
     async def write_rows(self, work: Callable[[Connection], T]) -> T:
         """`write` for Core statements on a plain connection: the message path,
-        which runs for every message, skips the ORM session's bookkeeping."""
-        if self._writer is not None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._writer, self._rows_in_transaction, work)
+        which runs for every message, skips the ORM session's bookkeeping (and,
+        on SQLite, may share its transaction with other writes queued with it)."""
+        if self.writer is not None:
+            return await self.writer.run("rows", work)
         async with self.engine.begin() as connection:
             return await connection.run_sync(work)
 
@@ -112,13 +112,10 @@ class Transactions:
         if self._readers is not None:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._readers, self._rows_in_connection, work)
+        if self.writer is not None:
+            return await self.writer.run("read_rows", work)
         async with self.engine.connect() as connection:
             return await connection.run_sync(work)
-
-    def _rows_in_transaction(self, work: Callable[[Connection], T]) -> T:
-        assert self.sync_engine is not None
-        with self.sync_engine.begin() as connection:
-            return work(connection)
 
     def _rows_in_connection(self, work: Callable[[Connection], T]) -> T:
         assert self.sync_engine is not None
@@ -127,9 +124,8 @@ class Transactions:
 
     async def write(self, work: Callable[[Session], T]) -> T:
         """Run `work` in a write transaction, committed when it returns."""
-        if self._writer is not None:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._writer, self._in_transaction, work)
+        if self.writer is not None:
+            return await self.writer.run("session", work)
         async with self._sessions.begin() as session:
             return await session.run_sync(work)
 
@@ -138,13 +134,10 @@ class Transactions:
         if self._readers is not None:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._readers, self._in_session, work)
+        if self.writer is not None:
+            return await self.writer.run("read_session", work)
         async with self._sessions() as session:
             return await session.run_sync(work)
-
-    def _in_transaction(self, work: Callable[[Session], T]) -> T:
-        assert self._sync_sessions is not None
-        with self._sync_sessions.begin() as session:
-            return work(session)
 
     def _in_session(self, work: Callable[[Session], T]) -> T:
         assert self._sync_sessions is not None
@@ -152,9 +145,10 @@ class Transactions:
             return work(session)
 
     async def close(self) -> None:
-        for executor in {self._writer, self._readers} - {None}:
-            assert executor is not None
-            await asyncio.to_thread(executor.shutdown)
+        if self.writer is not None:
+            await self.writer.close()
+        if self._readers is not None:
+            await asyncio.to_thread(self._readers.shutdown)
         if self.sync_engine is not None:
             await asyncio.to_thread(self.sync_engine.dispose)
         await self.engine.dispose()

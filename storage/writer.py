@@ -1,0 +1,156 @@
+"""SQLite's one writer thread, with group commit.
+
+SQLite has one writer at a time, so the store queues its writes for one
+thread in arrival order instead of racing for the file lock. What a commit
+costs (writing the changed pages to the WAL, a checkpoint now and then) is
+mostly the same for one message as for several, so message-path writes
+(`rows` jobs, Core statements on a connection) that queued up while the
+thread was busy run together in one transaction, committed once. Each job's
+caller hears back only after that commit: an accepted message is on disk
+before anything else is done with it, as with one transaction per write.
+
+If one job of a group fails on its own (a constraint, a bug), the group is
+rolled back and its jobs run again one transaction each, so the others do
+not share its fate. If the database itself fails (locked by another process
+past the busy timeout, disk full), every job of the group gets that error,
+as each would have on its own. ORM-session jobs and reads (an in-memory
+database has one connection, so its reads come here too) run alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import sessionmaker
+
+T = TypeVar("T")
+
+#: What fails a whole group: the database, not one job's statements.
+DATABASE_WIDE = (OperationalError, PoolTimeout, OSError)
+#: The most jobs one transaction takes.
+MAX_GROUP = 64
+
+Kind = Literal["rows", "session", "read_rows", "read_session"]
+
+
+@dataclass(slots=True)
+class _Job:
+    kind: Kind
+    work: Callable[[Any], Any]
+    future: Future[Any]
+
+
+_STOP = object()
+
+
+class Writer:
+    def __init__(self, engine: Engine, *, max_group: int = MAX_GROUP) -> None:
+        self.engine = engine
+        self.max_group = max_group
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: Transactions committed, and jobs they carried (tests and the bench read them).
+        self.commits = 0
+        self.jobs = 0
+        self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
+        self._thread.start()
+
+    async def run(self, kind: Kind, work: Callable[[Any], T]) -> T:
+        future: Future[T] = Future()
+        self._jobs.put(_Job(kind, work, future))
+        return await asyncio.wrap_future(future)
+
+    async def close(self) -> None:
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+
+    # -- the thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        held: Any = None
+        while True:
+            job = held if held is not None else self._jobs.get()
+            held = None
+            if job is _STOP:
+                return
+            if job.kind != "rows":
+                self._alone(job)
+                continue
+            group = [job]
+            while len(group) < self.max_group:
+                try:
+                    following = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if following is _STOP or following.kind != "rows":
+                    held = following  # keeps its place in the queue's order
+                    break
+                group.append(following)
+            self._together(group)
+
+    def _together(self, group: list[_Job]) -> None:
+        live = [job for job in group if job.future.set_running_or_notify_cancel()]
+        if len(live) <= 1:
+            for job in live:
+                self._alone(job, started=True)
+            return
+        results = []
+        try:
+            with self.engine.begin() as connection:
+                for job in live:
+                    results.append(job.work(connection))
+        except DATABASE_WIDE as exc:
+            for index, job in enumerate(live):  # each its own, so tracebacks don't pile up
+                job.future.set_exception(exc if index == 0 else _copy(exc))
+            return
+        except Exception:
+            for job in live:  # rolled back: each again on its own
+                self._alone(job, started=True)
+            return
+        self.commits += 1
+        self.jobs += len(live)
+        for job, result in zip(live, results, strict=True):
+            job.future.set_result(result)
+
+    def _alone(self, job: _Job, *, started: bool = False) -> None:
+        if not started and not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self._execute(job)
+        except BaseException as exc:
+            job.future.set_exception(exc)
+            return
+        if job.kind in ("rows", "session"):
+            self.commits += 1
+            self.jobs += 1
+        job.future.set_result(result)
+
+    def _execute(self, job: _Job) -> Any:
+        if job.kind == "rows":
+            with self.engine.begin() as connection:
+                return job.work(connection)
+        if job.kind == "session":
+            with self._sessions.begin() as session:
+                return job.work(session)
+        if job.kind == "read_rows":
+            with self.engine.connect() as connection:
+                return job.work(connection)
+        with self._sessions() as read_session:
+            return job.work(read_session)
+
+
+def _copy(exc: BaseException) -> BaseException:
+    try:
+        return copy.copy(exc)
+    except Exception:  # an exception that cannot be rebuilt from its arguments
+        return exc
