@@ -235,14 +235,14 @@ async def test_manager_prompt_fits_the_budget_after_200_turns(
     from bot.messages import Incoming
 
     lengths: list[int] = []
-    original = text_module.encode_dialogue
+    original = text_module.fit_dialogue
 
-    def spy(tokenizer: Any, turns: Any, budget: int) -> list[int]:
-        ids = original(tokenizer, turns, budget)
+    def spy(turns: Any, budget: int, encode: Any) -> list[int]:
+        ids = original(turns, budget, encode)
         lengths.append(len(ids))
         return ids
 
-    monkeypatch.setattr(text_module, "encode_dialogue", spy)
+    monkeypatch.setattr(text_module, "fit_dialogue", spy)
     store = running_app.store
     for i in range(100):
         stored = (
@@ -498,3 +498,32 @@ async def test_the_engine_sets_the_gil_switch_interval(
             assert sys.getswitchinterval() == pytest.approx(expected)
     finally:
         sys.setswitchinterval(before)
+
+
+async def test_the_worker_remembers_turns_it_has_encoded(
+    engine: LocalTextEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversation's next prompt repeats its earlier turns: the worker
+    tokenizes each turn once (a bounded memory, least recently used out), and
+    the prompt is still the one `encode_dialogue` builds."""
+    import bot.engines.text as text
+
+    encoded: list[str] = []
+
+    def counting(tokenizer: Any, turn: str) -> list[int]:
+        encoded.append(turn)
+        return encode_turn(tokenizer, turn)
+
+    monkeypatch.setattr(text, "encode_turn", counting)
+    first = await engine.generate(["hello there"], conversation="c")
+    turns = ["hello there", first or "ok", "and you?"]
+    await engine.generate(turns, conversation="c")
+    assert sorted(encoded) == sorted(turns)  # each turn once
+    ids = engine._encode_turn("and you?")
+    assert ids == encode_turn(engine.tokenizer, "and you?") and len(encoded) == 3
+    prompt = text.fit_dialogue(turns, engine.prompt_budget, engine._encode_turn)
+    assert prompt == encode_dialogue(engine.tokenizer, turns, engine.prompt_budget)
+    monkeypatch.setattr(text, "_TURNS_REMEMBERED", 2)
+    for turn in ("a", "b", "c"):
+        engine._encode_turn(turn)
+    assert list(engine._turn_ids) == ["b", "c"]
