@@ -11,11 +11,13 @@ import pytest
 
 import bot.knowledge.coverage as coverage
 from bot.knowledge.coverage import (
+    NO_WORDS,
+    Coverage,
     EntryWords,
+    MessageWords,
     WordTable,
     content_words,
     faq_vocabulary,
-    message_words,
 )
 from bot.knowledge.faq import FaqEntry, FaqFile
 from bot.knowledge.index import FaqIndex, flatten
@@ -60,15 +62,41 @@ def test_an_entry_covers_its_words_inflections_and_spellings() -> None:
         assert not words.uses(word), word
 
 
-def test_coverage_is_the_worst_covered_word() -> None:
+def _message(words: list[str], vectors: list[np.ndarray], weights: list[float]) -> MessageWords:
+    stacked = np.stack(vectors) if vectors else np.zeros((0, 3), np.float32)
+    return MessageWords(tuple(words), stacked, tuple(weights))
+
+
+def test_coverage_is_the_worst_covered_word_and_the_weighted_mean() -> None:
     entry = EntryWords(frozenset({"gift"}), np.stack([unit(1, 0, 0), unit(0, 1, 0)]))
     near, far = unit(1, 0.2, 0), unit(0, 0, 1)
-    assert entry.coverage([], np.zeros((0, 3), np.float32)) == 1.0
-    assert entry.coverage(["gift"], np.stack([far])) == 1.0  # its own word: no vector needed
-    assert entry.coverage(["gifts", "present"], np.stack([far, near])) == pytest.approx(
-        float(near @ unit(1, 0, 0))
-    )
-    assert entry.coverage(["present", "wrapping"], np.stack([near, far])) == pytest.approx(0.0)
+    close = float(near @ unit(1, 0, 0))
+    # its own word counts fully, whatever its vector
+    assert entry.coverage(_message(["gift"], [far], [1.0])) == Coverage(1.0, 1.0)
+    worst, mean = entry.coverage(_message(["gifts", "present"], [far, near], [1.0, 1.0]))
+    assert worst == pytest.approx(close) and mean == pytest.approx((1 + close) / 2)
+    worst, mean = entry.coverage(_message(["present", "wrapping"], [near, far], [1.0, 1.0]))
+    assert worst == pytest.approx(0.0) and mean == pytest.approx(close / 2)
+    # a rare word weighs more: the uncovered "wrapping" pulls the mean down further
+    _, rare = entry.coverage(_message(["gift", "wrapping"], [far, far], [1.0, 3.0]))
+    assert rare == pytest.approx(0.25)
+
+
+def test_a_message_without_content_words_is_covered_by_no_entry() -> None:
+    """Small talk ("hello", "hi, ok?") has nothing that ties it to an entry."""
+    entry = EntryWords(frozenset({"hello"}), np.stack([unit(1, 0, 0)]))
+    assert entry.coverage(_message([], [], [])) == NO_WORDS == Coverage(0.0, 0.0)
+
+
+def test_rarity_weighs_words_that_few_entries_use_more() -> None:
+    vectors = np.stack([unit(1, 0), unit(0, 1), unit(1, 1)])
+    # "order" is used by all three entries, "gift" by one, "wrap" by none
+    table = WordTable(_index(("gift", "order", "wrap_"), vectors, [[0, 1], [1], [1]]))
+    assert table.rarity("order") == pytest.approx(np.log(1 + 3 / 4))
+    assert table.rarity("gift") == pytest.approx(np.log(1 + 3 / 2))
+    assert table.rarity("orders") == table.rarity("order")  # by stem
+    assert table.rarity("wrapping") == pytest.approx(np.log(1 + 3))
+    assert table.rarity("order") < table.rarity("gift") < table.rarity("wrapping")
 
 
 def _index(vocabulary: tuple[str, ...], vectors: np.ndarray, members: list[list[int]]) -> FaqIndex:
@@ -100,10 +128,11 @@ def test_the_word_table_embeds_each_new_word_once_and_forgets_the_oldest(
     assert list(known) == ["gift"] and missing == ["wrap", "paper"]
     known.update(table.add(missing, np.stack([unit(1, 1), unit(1, -1)])))
     assert table.lookup([["gift", "wrap", "paper"]])[1] == []
-    message = message_words(["gift", "paper"], known, table.width)
+    message = table.message(["gift", "paper"], known)
     assert message.words == ("gift", "paper") and message.vectors.shape == (2, 2)
     assert np.allclose(message.vectors[1], unit(1, -1))
-    assert message_words([], known, table.width).vectors.shape == (0, 2)
+    assert message.weights == (table.rarity("gift"), table.rarity("paper"))
+    assert table.message([], known).vectors.shape == (0, 2)
     monkeypatch.setattr(coverage, "WORD_CACHE", 2)
     table.lookup([["wrap"]])  # used most recently: "paper" is now the oldest
     table.add(["ribbon"], np.stack([unit(2, 1)]))
@@ -120,19 +149,22 @@ def test_a_looked_up_word_survives_its_eviction_meanwhile(monkeypatch: pytest.Mo
     table.add(["bow"], np.stack([unit(0, 1)]))  # another one's, evicting "wrap"
     assert table.lookup([["wrap"]])[1] == ["wrap"]
     known.update(table.add(missing, np.stack([unit(2, 1)])))
-    message = message_words(["wrap", "ribbon"], known, table.width)
+    message = table.message(["wrap", "ribbon"], known)
     assert np.allclose(message.vectors[0], unit(1, 1))
 
 
 def test_the_score_rises_with_the_logit_the_lead_and_the_coverage() -> None:
     logits = np.array([2.0, 0.5, -1.0], np.float32)
     order = [0, 1, 2]
-    sure = calibrate(features(logits, order, 0, 1.0, 0.6, 1.0))
+    full = Coverage(1.0, 1.0)
+    sure = calibrate(features(logits, order, 0, 1.0, 0.6, full))
     assert 0.9 < sure < 1.0
-    assert calibrate(features(logits, order, 0, 1.0, 0.6, 0.3)) < sure  # a word not covered
-    assert calibrate(features(logits, order, 0, 2.0, 0.6, 1.0)) < sure  # a weaker logit
-    assert calibrate(features(logits, order, 1, 1.0, 0.6, 1.0)) < 0.5  # the runner-up
-    assert features(logits, order, 1, 1.0, 0.6, 1.0)[1] == pytest.approx(-1.5)
+    one_word = calibrate(features(logits, order, 0, 1.0, 0.6, Coverage(0.3, 0.6)))
+    assert one_word < sure  # a word the entry does not cover
+    assert calibrate(features(logits, order, 0, 1.0, 0.6, NO_WORDS)) < one_word  # small talk
+    assert calibrate(features(logits, order, 0, 2.0, 0.6, full)) < sure  # a weaker logit
+    assert calibrate(features(logits, order, 1, 1.0, 0.6, full)) < 0.5  # the runner-up
+    assert features(logits, order, 1, 1.0, 0.6, full)[1] == pytest.approx(-1.5)
 
 
 def test_the_calibration_tool_fits_weights_on_labelled_questions(
@@ -161,5 +193,5 @@ def test_the_calibration_tool_fits_weights_on_labelled_questions(
     out = capsys.readouterr().out
     assert "# 15 samples" in out
     weights = next(line for line in out.splitlines() if line.startswith("WEIGHTS = ("))
-    assert len(weights.split(",")) == 4
+    assert len(weights.split(",")) == 5
     assert "BIAS = " in out and "cross-validated" in out

@@ -135,6 +135,16 @@ async def test_a_near_miss_is_not_answered_with_its_neighbour(knowledge: Any) ->
     assert decision.source == Source("faq", "gift_cards")
 
 
+async def test_small_talk_is_not_answered_from_the_faq(knowledge: Any) -> None:
+    """A greeting has no content word that ties it to an entry (its coverage
+    is 0), so it goes to the dialogue model, whatever entry it sits nearest."""
+    service = await knowledge()
+    for text in ("hello", "hi!", "ok thanks"):
+        (match,) = await service.match([text])
+        assert match.score < 0.3, (text, match.best.id, match.score)
+        assert (await service.decide(ME, text, None)).kind == "fallback", text
+
+
 async def test_fallback_human_escalates(knowledge: Any) -> None:
     service = await knowledge(fallback="human")
     decision = await service.decide(ME, "What's the capital of Peru?", None)

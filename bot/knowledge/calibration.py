@@ -29,7 +29,6 @@ import numpy as np
 
 from bot.config.knowledge import BUNDLED_EMBEDDING_MODEL
 from bot.knowledge.coverage import WordTable, content_words
-from bot.knowledge.coverage import message_words as to_message
 from bot.knowledge.embedder import encode, load_encoder
 from bot.knowledge.evaluation import Labelled, load_questions
 from bot.knowledge.faq import FaqFile, load_faq
@@ -88,7 +87,7 @@ async def collect(
         table = WordTable(index)
         known, unseen = table.lookup(message_words)
         known.update(table.add(unseen, await embed(unseen)))
-        messages = [to_message(words, known, table.width) for words in message_words]
+        messages = [table.message(words, known) for words in message_words]
         ranked = ranked_features(index, vectors, messages, table.entries, places=1)
         for row, (order, values) in zip(rows, ranked, strict=True):
             samples.append(values[0])

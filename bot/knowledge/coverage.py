@@ -6,19 +6,25 @@ the entry never mentions: "do you gift wrap?" against the gift card entry,
 sits close to the entry, so the classifier is confident; what gives it away
 is a word that nothing in the entry comes close to ("wrap", "library").
 
-An entry's coverage of a message is the worst-covered content word of the
-message: 1.0 for a word the entry itself uses (after a light stem), else the
-best cosine between the word's embedding and the embeddings of the entry's
-words. Words are embedded alone by the same sentence model; the FAQ's are
-embedded once, with the index.
+Each content word of the message gets a score against an entry: 1.0 for a
+word the entry itself uses (after a light stem), else the best cosine between
+the word's embedding and the embeddings of the entry's words. The entry's
+coverage is the worst word's score (what gives a near miss away) and a mean
+of the scores weighted by how rare each word is among the FAQ's entries (a
+word that half the entries use, "order", says little about which one covers
+the message; one that none uses, "library", says a lot). A message with no
+content word ("hello", "hi!") has nothing that ties it to any entry: both are
+0.0, which keeps small talk away from the FAQ's answers. Words are embedded
+alone by the same sentence model; the FAQ's are embedded once, with the index.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -72,6 +78,18 @@ def _same_root(a: str, b: str) -> bool:
     return shared >= 0.75 * shorter
 
 
+class Coverage(NamedTuple):
+    """How well one entry covers one message's content words."""
+
+    worst: float
+    #: The mean word score, weighted by each word's rarity among the entries.
+    mean: float
+
+
+#: The coverage of a message without content words.
+NO_WORDS = Coverage(0.0, 0.0)
+
+
 @dataclass(frozen=True, slots=True)
 class EntryWords:
     """One entry's words: their stems for exact hits and their embeddings."""
@@ -85,16 +103,23 @@ class EntryWords:
         root = stem(word)
         return root in self.stems or any(_same_root(root, other) for other in self.stems)
 
-    def coverage(self, message_words: Sequence[str], vectors: Vectors) -> float:
-        """The worst-covered word's score (1.0 when `message_words` is empty);
-        `vectors[i]` is the embedding of `message_words[i]`."""
-        worst = 1.0
-        for word, vector in zip(message_words, vectors, strict=True):
-            if self.uses(word):
-                continue
-            best = float((self.vectors @ vector).max()) if len(self.vectors) else 0.0
-            worst = min(worst, best)
-        return worst
+    def score(self, word: str, vector: Vectors) -> float:
+        """1.0 for a word the entry uses, else its best cosine to the entry's words."""
+        if self.uses(word):
+            return 1.0
+        return float((self.vectors @ vector).max()) if len(self.vectors) else 0.0
+
+    def coverage(self, message: MessageWords) -> Coverage:
+        """The worst and the weighted mean word score (`NO_WORDS` for a
+        message without content words)."""
+        if not message.words:
+            return NO_WORDS
+        scores = [
+            self.score(word, vector)
+            for word, vector in zip(message.words, message.vectors, strict=True)
+        ]
+        mean = sum(s * w for s, w in zip(scores, message.weights, strict=True))
+        return Coverage(min(scores), mean / sum(message.weights))
 
 
 class WordTable:
@@ -113,6 +138,11 @@ class WordTable:
             )
             for k in range(len(offsets) - 1)
         ]
+        #: Per stem, how many entries use it (a word's weight in `Coverage.mean`).
+        self._entries_using: dict[str, int] = {}
+        for entry in self.entries:
+            for root in entry.stems:
+                self._entries_using[root] = self._entries_using.get(root, 0) + 1
 
     def lookup(self, messages: Sequence[Sequence[str]]) -> tuple[dict[str, Vectors], list[str]]:
         """(the embeddings this table has for the words of `messages`, the words
@@ -147,12 +177,17 @@ class WordTable:
     def width(self) -> int:
         return int(self.entries[0].vectors.shape[1]) if self.entries else 0
 
+    def rarity(self, word: str) -> float:
+        """log(1 + entries / (1 + entries using the word)): an inverse document frequency."""
+        using = self._entries_using.get(stem(word), 0)
+        return math.log(1 + len(self.entries) / (1 + using))
 
-def message_words(words_: Sequence[str], vectors: dict[str, Vectors], width: int) -> MessageWords:
-    """A message's words with their embeddings, taken from `vectors`."""
-    rows = [vectors[word] for word in words_]
-    stacked = np.stack(rows) if rows else np.zeros((0, width), dtype=np.float32)
-    return MessageWords(tuple(words_), stacked)
+    def message(self, words_: Sequence[str], vectors: dict[str, Vectors]) -> MessageWords:
+        """A message's words with their embeddings (taken from `vectors`, a
+        `lookup` snapshot) and their rarity weights."""
+        rows = [vectors[word] for word in words_]
+        stacked = np.stack(rows) if rows else np.zeros((0, self.width), dtype=np.float32)
+        return MessageWords(tuple(words_), stacked, tuple(self.rarity(w) for w in words_))
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +196,5 @@ class MessageWords:
 
     words: tuple[str, ...]
     vectors: Vectors
+    #: `WordTable.rarity` of each word.
+    weights: tuple[float, ...]

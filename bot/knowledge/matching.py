@@ -9,8 +9,10 @@ sure"). The features, all free of the FAQ's size:
   the median top logit on the FAQ's own questions;
 * `margin`: its lead over the best other entry, on the same scale;
 * `answer`: the cosine between the message and the entry's answer;
-* `coverage`: how well the entry covers the message's worst-covered word
-  (`bot.knowledge.coverage`), which is what gives a near miss away.
+* `worst` and `mean`: how well the entry covers the message's worst-covered
+  content word, and its content words on average, rare words weighing more
+  (`bot.knowledge.coverage`): the first gives a near miss away, the second
+  small talk and messages that only brush the entry's topic.
 
 W and B come from `python -m bot.knowledge.calibration` on
 examples/faq-dev.jsonl, over random subsets of the FAQ's entries and of their
@@ -27,18 +29,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bot.knowledge.coverage import EntryWords, MessageWords
+from bot.knowledge.coverage import Coverage, EntryWords, MessageWords
 from bot.knowledge.faq import FaqEntry
 from bot.knowledge.index import FaqIndex, Vectors
 
-#: Calibration weights of (logit, margin, answer, coverage), and the bias.
-WEIGHTS = (5.878, 1.526, 3.151, 2.755)
-BIAS = -7.007
+#: Calibration weights of (logit, margin, answer, worst, mean), and the bias.
+WEIGHTS = (4.495, 2.259, 1.741, 0.530, 6.449)
+BIAS = -9.817
 #: At most this many questions are offered in "Did you mean ...?"; only these
 #: entries are scored (the others get 0.0).
 MAX_SUGGESTIONS = 3
 
-Features = tuple[float, float, float, float]
+Features = tuple[float, float, float, float, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,12 @@ class Match:
 
 
 def features(
-    logits: Vectors, order: Sequence[int], k: int, reference: float, answer: float, coverage: float
+    logits: Vectors,
+    order: Sequence[int],
+    k: int,
+    reference: float,
+    answer: float,
+    coverage: Coverage,
 ) -> Features:
     """The calibration features of entry `k` for one message (see the module doc)."""
     others = [logits[j] for j in order[:2] if j != k]  # `order` is best first
@@ -66,7 +73,8 @@ def features(
         float(logits[k]) / reference,
         float(logits[k] - best_other) / reference,
         answer,
-        coverage,
+        coverage.worst,
+        coverage.mean,
     )
 
 
@@ -96,7 +104,7 @@ def ranked_features(
                 k,
                 index.reference,
                 float(answer_row[k]),
-                entry_words[k].coverage(message.words, message.vectors),
+                entry_words[k].coverage(message),
             )
             for k in order[:places]
         ]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bot.knowledge.coverage import WordTable, content_words, message_words
+from bot.knowledge.coverage import WordTable, content_words
 from bot.knowledge.embedder import Embedder, Vectors
 from bot.knowledge.faq import FaqEntry, FaqFile, KnowledgeError, load_faq
 from bot.knowledge.index import FaqIndex, IndexCache, build_index
@@ -205,7 +205,7 @@ class KnowledgeService:
         # one batch: the messages and their words the table has not embedded yet
         vectors: Vectors = await self.embedder.embed([*cleaned, *unseen])
         known.update(table.add(unseen, vectors[len(cleaned) :]))
-        messages = [message_words(each, known, table.width) for each in words]
+        messages = [table.message(each, known) for each in words]
         return rank(loaded.index, vectors[: len(cleaned)], messages, table.entries)
 
     async def decide(
