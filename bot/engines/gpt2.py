@@ -166,6 +166,14 @@ class Gpt2Runner:
         #: each layer's keys and values side by side, so one copy stores a pass's both
         self.cache = torch.zeros(shape, dtype=self.dtype, device=device)
         self.keys, self.values = self.cache[:, 0], self.cache[:, 1]
+        # views made once, not in every layer of every pass (each tensor call
+        # from Python is a round trip through the GIL): a layer's cache as one
+        # row per (k or v, slot, head, position), for its writes; its keys and
+        # values as `[slots * heads, positions, head_dim]`, for decode steps
+        self._writes = [self.cache[layer].view(-1, self.head_dim) for layer in range(self.layers)]
+        per_head = (slots * self.heads, max_len + 1, self.head_dim)
+        self._head_keys = [self.keys[layer].view(per_head) for layer in range(self.layers)]
+        self._head_values = [self.values[layer].view(per_head) for layer in range(self.layers)]
         #: how decode steps attend (`DECODE_ATTENTION`)
         self.decode_attention = decode_attention(device, half=self.half)
 
@@ -341,10 +349,9 @@ class Gpt2Runner:
             h = F.layer_norm(x, (d_model,), ln_1[0], ln_1[1], self.eps).to(dtype)
             qkv = c_attn(h).view(tokens, 3, heads, dim)
             query = qkv[:, 0]
-            self.cache[layer].view(-1, dim).index_copy_(0, flat, qkv[:, 1:].reshape(-1, dim))
-            keys, values = self.keys[layer], self.values[layer]
+            self._writes[layer].index_copy_(0, flat, qkv[:, 1:].reshape(-1, dim))
             attended = [
-                self._attend(layer, part, mask, query, keys, values)
+                self._attend(layer, part, mask, query)
                 for part, mask in zip(parts, masks, strict=True)
             ]
             if padding is not None:
@@ -356,34 +363,28 @@ class Gpt2Runner:
         return x
 
     def _attend(
-        self,
-        layer: int,
-        part: _Part,
-        mask: torch.Tensor,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
+        self, layer: int, part: _Part, mask: torch.Tensor, query: torch.Tensor
     ) -> torch.Tensor:
         """One part's attention: `[rows * width, d_model]`."""
         rows, width = part.rows, part.width
-        q = query[part.offset : part.offset + rows * width].view(rows, width, self.heads, -1)
-        q = q.transpose(1, 2)
-        k = keys[part.first_slot : part.first_slot + rows, :, : part.span]
-        v = values[part.first_slot : part.first_slot + rows, :, : part.span]
-        if width > 1 or self.decode_attention == SDPA:
-            # SDPA's fused kernel for prefills, and for decode steps where it wins
-            attended = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=self.scales[layer]
-            )
-        else:
+        if width == 1 and self.decode_attention != SDPA:
             # one query per row: `[rows * heads]` products of one row each, the scale
             # and the mask applied by the first (15% less than a matmul, a scaling
             # and a masked fill)
-            q3 = q.reshape(rows * self.heads, 1, -1)
-            k3 = k.reshape(rows * self.heads, part.span, -1)
-            scores = torch.baddbmm(mask, q3, k3.transpose(1, 2), alpha=self.scales[layer])
-            attended = torch.bmm(scores.softmax(-1), v.reshape(rows * self.heads, part.span, -1))
-            return attended.view(rows, self.width)
+            first, count = part.first_slot * self.heads, rows * self.heads
+            k = self._head_keys[layer][first : first + count]
+            v = self._head_values[layer][first : first + count]
+            if part.span < k.shape[1]:
+                k, v = k[:, : part.span], v[:, : part.span]
+            q = query[part.offset : part.offset + rows].reshape(count, 1, self.head_dim)
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=self.scales[layer])
+            return torch.bmm(scores.softmax(-1), v).view(rows, self.width)
+        q = query[part.offset : part.offset + rows * width].view(rows, width, self.heads, -1)
+        q = q.transpose(1, 2)
+        k = self.keys[layer][part.first_slot : part.first_slot + rows, :, : part.span]
+        v = self.values[layer][part.first_slot : part.first_slot + rows, :, : part.span]
+        # SDPA's fused kernel for prefills, and for decode steps where it wins
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scales[layer])
         return attended.transpose(1, 2).reshape(rows * width, self.width)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
