@@ -297,11 +297,14 @@ class Conversations(Repository):
         if address is not None:
             touch_params["address"] = address
 
+        thread = (platform, chat_id, owner)
+        # Their users row is there, as written, if nobody else wrote here since.
+        known = self.recent.known_user(thread, (user_id, user_name))
+
         def work(connection: Connection) -> tuple[Intake, _Touched]:
             if self.dialect == "postgresql":
                 # Serialise get-or-create of the active conversation across processes.
                 connection.execute(XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
-            connection.execute(upsert, user)
             found = connection.execute(touch, touch_params).first()
             if found is None:
                 values = {**key, "active": True, "started_at": utcnow(), "address": address}
@@ -311,6 +314,8 @@ class Conversations(Repository):
             else:
                 touched = _Touched(int(found.id), int(found.version))
                 state = str(found.handoff_state)
+            if known != (touched.conversation_id, touched.version - 1):
+                connection.execute(upsert, user)
             stored = _insert_message(
                 connection,
                 insert_message,
@@ -331,7 +336,6 @@ class Conversations(Repository):
             earlier = StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at)
             return Intake(earlier, True, bool(row.turn_done), state), touched
 
-        thread = (platform, chat_id, owner)
         try:
             intake, touched = await self.db.write_rows(work)
         except BaseException:
@@ -340,7 +344,7 @@ class Conversations(Repository):
         if touched.created:
             self.recent.started(thread, touched.conversation_id, touched.version - 1)
         added = None if intake.duplicate else intake.message
-        touched.tell(self.recent, added, key=thread)
+        touched.tell(self.recent, added, key=thread, user=(user_id, user_name))
         return intake
 
     @guarded
@@ -577,9 +581,16 @@ class _Touched:
         *,
         reply_to_id: int | None = None,
         key: tuple[str, str, str] | None = None,
+        user: tuple[str, str] | None = None,
     ) -> None:
         recent.wrote(
-            self.conversation_id, self.version - 1, self.version, added, reply_to_id, key=key
+            self.conversation_id,
+            self.version - 1,
+            self.version,
+            added,
+            reply_to_id,
+            key=key,
+            user=user,
         )
 
 

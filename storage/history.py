@@ -50,6 +50,10 @@ class _Entry:
     complete: bool = False
     #: How many messages to keep: the largest limit read, plus `FILL_SLACK`.
     keep: int = FILL_SLACK
+    #: (user id, name) of the people whose `users` row this process wrote
+    #: along with one of their messages here, since `version` was last ours
+    #: alone: forgetting them would have deleted that message, moving the version.
+    users: set[tuple[str, str]] = field(default_factory=set)
 
     def add(self, key: tuple[int, int], message: StoredMessage) -> None:
         at = bisect_left(self.keys, key)
@@ -172,10 +176,12 @@ class RecentTurns:
         reply_to_id: int | None = None,
         *,
         key: Hashable | None = None,
+        user: tuple[str, str] | None = None,
     ) -> None:
         """This process moved the conversation from version `before` to `after`,
-        adding `added` (or nothing). An entry that was not at `before` missed
-        someone else's write and is dropped."""
+        adding `added` (or nothing) from `user`, whose `users` row it wrote
+        or knew. An entry that was not at `before` missed someone else's
+        write and is dropped."""
         if key is not None:
             self._remember(key, conversation_id)
         entry = self._entries.get(conversation_id)
@@ -189,7 +195,20 @@ class RecentTurns:
         entry.version = after
         if added is not None:
             entry.add(turn_key(added, reply_to_id), added)
+            if user is not None:
+                entry.users.add(user)
         self._entries.move_to_end(conversation_id)
+
+    def known_user(self, key: Hashable, user: tuple[str, str]) -> tuple[int, int] | None:
+        """(conversation id, version) as of which `user` (id, name) surely has
+        their `users` row as written, for the conversation last written under
+        `key`; None when that is not known."""
+        conversation_id = self._ids.get(key)
+        entry = self._entries.get(conversation_id) if conversation_id is not None else None
+        if entry is None or user not in entry.users:
+            return None
+        assert conversation_id is not None
+        return conversation_id, entry.version
 
     def drop(self, conversation_id: int) -> None:
         self._entries.pop(conversation_id, None)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from support.engine_doubles import ScriptedEngine
 
 from bot.config import Config
@@ -150,6 +151,31 @@ async def test_a_conversation_deleted_and_started_again_starts_empty(
     if store.dialect == "sqlite":
         assert new.conversation_id == old.conversation_id  # SQLite reused the id
     assert await _recent(store, new) == []
+
+
+async def _user_names(store: Store) -> list[tuple[str, str]]:
+    async with store.engine.connect() as connection:
+        rows = await connection.execute(
+            text("SELECT user_id, user_name FROM users ORDER BY user_id")
+        )
+        return [(row[0], row[1]) for row in rows]
+
+
+async def test_the_users_row_is_written_whenever_it_may_be_missing_or_old(
+    store: Store, other: Store
+) -> None:
+    await _say(store, "ann", "one", owner="")
+    await _say(store, "ann", "two", owner="")  # known now: not written again
+    await store.conversations.add_user_message(
+        platform="test", chat_id="c1", owner="", user_id="ann", user_name="Annie", text="three"
+    )
+    assert await _user_names(store) == [("ann", "Annie")]
+    await _say(store, "bob", "hi", owner="")
+    await other.people.forget("test", "ann")  # another process deletes ann's row
+    assert await _user_names(store) == [("bob", "Bob")]
+    await _say(store, "ann", "back again", owner="")
+    assert await _user_names(store) == [("ann", "Ann"), ("bob", "Bob")]
+    assert (await store.people.stats("test", "ann")).first_seen is not None
 
 
 async def test_memory_is_bounded_and_can_be_off(db_url: str) -> None:
