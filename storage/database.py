@@ -20,6 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+#: The store's own connections leave checkpoints to its checkpoint thread
+#: (storage.writer) and checkpoint in a commit only past this many WAL pages
+#: (SQLite's default: 1,000), should that thread fall behind.
+WRITER_AUTOCHECKPOINT_PAGES = 4_000
 _MIGRATION_LOCK_ID = 0x41494743  # "AIGC"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -62,7 +66,7 @@ def create_sqlite_sync_engine(
     if parsed.database in (None, "", ":memory:"):
         options["poolclass"] = StaticPool  # one in-memory database, not one per thread
     engine = sqlalchemy_create_engine(parsed, echo=echo, **options)
-    _add_sqlite_pragmas(engine, busy_timeout_ms)
+    _add_sqlite_pragmas(engine, busy_timeout_ms, autocheckpoint=WRITER_AUTOCHECKPOINT_PAGES)
     return engine
 
 
@@ -75,7 +79,9 @@ def _sqlite_options(parsed: URL, busy_timeout_ms: int) -> dict[str, Any]:
     return {"connect_args": {"timeout": busy_timeout_ms / 1000}, "pool_reset_on_return": None}
 
 
-def _add_sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
+def _add_sqlite_pragmas(
+    engine: Engine, busy_timeout_ms: int, *, autocheckpoint: int | None = None
+) -> None:
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
@@ -83,6 +89,8 @@ def _add_sqlite_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        if autocheckpoint is not None:
+            cursor.execute(f"PRAGMA wal_autocheckpoint={int(autocheckpoint)}")
         cursor.close()
 
 

@@ -9,6 +9,14 @@ thread was busy run together in one transaction, committed once. Each job's
 caller hears back only after that commit: an accepted message is on disk
 before anything else is done with it, as with one transaction per write.
 
+Checkpoints (copying the WAL back into the database file, with an fsync
+of each) are the other slow part of a commit: SQLite runs one in whichever
+commit finds the WAL past its limit, and that message waits for the disk. A
+second thread runs them instead (`PRAGMA wal_checkpoint(PASSIVE)`, which
+waits for nobody) every `checkpoint_every` commits; the writer's own
+automatic checkpoint stays, at a higher limit (storage.database), in case
+that thread falls behind.
+
 If one job of a group fails on its own (a constraint, a bug), the group is
 rolled back and its jobs run again one transaction each, so the others do
 not share its fate. If the database itself fails (locked by another process
@@ -39,6 +47,12 @@ T = TypeVar("T")
 DATABASE_WIDE = (OperationalError, PoolTimeout, OSError)
 #: The most jobs one transaction takes.
 MAX_GROUP = 64
+#: Commits between two checkpoints (a commit adds about 10 pages to the WAL;
+#: SQLite's own default is a checkpoint every 1,000 pages).
+CHECKPOINT_EVERY = 64
+#: A checkpoint after this long even if fewer commits came.
+CHECKPOINT_IDLE_S = 5.0
+_CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
 
 Kind = Literal["rows", "session", "read_rows", "read_session"]
 
@@ -54,16 +68,35 @@ _STOP = object()
 
 
 class Writer:
-    def __init__(self, engine: Engine, *, max_group: int = MAX_GROUP) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_group: int = MAX_GROUP,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoints: bool = True,
+    ) -> None:
         self.engine = engine
         self.max_group = max_group
+        self.checkpoint_every = checkpoint_every
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         #: Transactions committed, and jobs they carried (tests and the bench read them).
         self.commits = 0
         self.jobs = 0
+        #: Checkpoints the checkpoint thread ran.
+        self.checkpoints = 0
+        self._since_checkpoint = 0
+        self._wake_checkpointer = threading.Event()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
+        self._checkpointer: threading.Thread | None = None
+        if checkpoints:
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
 
     async def run(self, kind: Kind, work: Callable[[Any], T]) -> T:
         future: Future[T] = Future()
@@ -73,6 +106,10 @@ class Writer:
     async def close(self) -> None:
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+        if self._checkpointer is not None:
+            self._stopping = True
+            self._wake_checkpointer.set()
+            await asyncio.to_thread(self._checkpointer.join)
 
     # -- the thread -----------------------------------------------------------------
 
@@ -117,8 +154,7 @@ class Writer:
             for job in live:  # rolled back: each again on its own
                 self._alone(job, started=True)
             return
-        self.commits += 1
-        self.jobs += len(live)
+        self._committed(len(live))
         for job, result in zip(live, results, strict=True):
             job.future.set_result(result)
 
@@ -131,9 +167,33 @@ class Writer:
             job.future.set_exception(exc)
             return
         if job.kind in ("rows", "session"):
-            self.commits += 1
-            self.jobs += 1
+            self._committed(1)
         job.future.set_result(result)
+
+    def _committed(self, jobs: int) -> None:
+        self.commits += 1
+        self.jobs += jobs
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= self.checkpoint_every:
+            self._since_checkpoint = 0
+            self._wake_checkpointer.set()
+
+    # -- the checkpoint thread ----------------------------------------------------------
+
+    def _checkpoint_loop(self) -> None:
+        last = self.commits
+        while not self._stopping:
+            self._wake_checkpointer.wait(CHECKPOINT_IDLE_S)
+            self._wake_checkpointer.clear()
+            if self._stopping or self.commits == last:
+                continue
+            last = self.commits
+            try:
+                with self.engine.connect() as connection:
+                    connection.exec_driver_sql(_CHECKPOINT)
+            except DATABASE_WIDE:
+                continue  # the writer's own checkpoint covers for it
+            self.checkpoints += 1
 
     def _execute(self, job: _Job) -> Any:
         if job.kind == "rows":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -129,3 +130,40 @@ async def test_a_write_whose_caller_left_before_it_ran_is_not_run(store: Store) 
     await stays
     assert not ran.is_set()
     assert await _stored(store) == ["kept"]
+
+
+async def test_checkpoints_run_beside_the_writer(tmp_path: Path) -> None:
+    """The checkpoint thread copies committed pages back into the database
+    file (the writer's own checkpoint would not have: the WAL is far from its
+    limit), and nothing is lost on the way."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    writer = _writer(store)
+    writer.checkpoint_every = 4
+    try:
+        for index in range(40):
+            await _say(store, f"user{index}", f"message {index}")
+        seen = -1
+        while seen != writer.checkpoints:  # until the last one is over
+            seen = writer.checkpoints
+            await asyncio.sleep(0.2)
+        assert writer.checkpoints > 0
+        shutil.copy(tmp_path / "bot.db", tmp_path / "file-only.db")  # without the WAL
+    finally:
+        await store.close()
+    file_only = sqlite3.connect(tmp_path / "file-only.db")
+    try:
+        (in_file,) = file_only.execute("SELECT count(*) FROM messages").fetchone()
+    finally:
+        file_only.close()
+    assert in_file >= 30
+    reopened = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    try:
+        stored = [
+            m.text
+            for index in range(40)
+            for c in await reopened.people.export("test", f"user{index}")
+            for m in c.messages
+        ]
+    finally:
+        await reopened.close()
+    assert stored == [f"message {index}" for index in range(40)]
