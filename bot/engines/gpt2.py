@@ -174,6 +174,19 @@ class Gpt2Runner:
         per_head = (slots * self.heads, max_len + 1, self.head_dim)
         self._head_keys = [self.keys[layer].view(per_head) for layer in range(self.layers)]
         self._head_values = [self.values[layer].view(per_head) for layer in range(self.layers)]
+        # and the index arithmetic that is the same in every pass
+        stride = max_len + 1
+        self._columns = torch.arange(stride, device=device)
+        self._rows = torch.arange(slots, device=device)
+        #: a token's cells (see `step`) lie at these offsets from its first one
+        self._cell_offsets = (
+            torch.arange(2, device=device)[:, None] * (slots * self.heads * stride)
+            + torch.arange(self.heads, device=device)[None, :] * stride
+        )
+        self._mask_values = (
+            torch.zeros((), dtype=self.dtype, device=device),
+            torch.full((), -math.inf, dtype=self.dtype, device=device),
+        )
         #: how decode steps attend (`DECODE_ATTENTION`)
         self.decode_attention = decode_attention(device, half=self.half)
 
@@ -253,7 +266,7 @@ class Gpt2Runner:
         device, stride = self.device, self.max_len + 1
         parts: list[_Part] = []
         ids: list[torch.Tensor] = []
-        places: list[torch.Tensor] = []  # per token: slot * stride + position
+        firsts: list[torch.Tensor] = []  # per token: its first cell (see below)
         embed: list[torch.Tensor] = []  # per token: its position for the embedding
         picks: list[torch.Tensor] = []  # the tokens whose logits come back
         offset = 0
@@ -261,17 +274,17 @@ class Gpt2Runner:
             rows = tokens.shape[0]
             whole = self.decode_attention == WHOLE_WIDTH
             span = stride if whole else int(positions.max().item()) + 1
-            visible = torch.arange(span, device=device)[None, :] <= positions[:, None]
-            parts.append(_Part(offset, 0, rows, 1, span, visible[:, None, None]))
+            visible = torch.le(self._columns[:span], positions[:, None, None, None])
+            parts.append(_Part(offset, 0, rows, 1, span, visible))
             ids.append(tokens)
-            places.append(torch.arange(rows, device=device) * stride + positions)
+            firsts.append(self._rows[:rows] * (self.heads * stride) + positions)
             embed.append(positions)
-            picks.append(torch.arange(rows, device=device))
+            picks.append(self._rows[:rows])
             offset += rows
         for first_slot, fresh, starts in prefills:
             part, tensors = self._prefill_part(offset, first_slot, fresh, starts)
             parts.append(part)
-            for into, tensor in zip((ids, places, embed, picks), tensors, strict=True):
+            for into, tensor in zip((ids, firsts, embed, picks), tensors, strict=True):
                 into.append(tensor)
             offset += part.rows * part.width
         if not parts:
@@ -280,27 +293,25 @@ class Gpt2Runner:
         if padding:  # rows that only pass through the products; their keys go to scratch
             ids.append(torch.zeros(padding, dtype=torch.long, device=device))
             embed.append(torch.zeros(padding, dtype=torch.long, device=device))
-            places.append(torch.full((padding,), self.max_len, dtype=torch.long, device=device))
-        token_ids, token_positions = torch.cat(ids), torch.cat(embed)
+            firsts.append(torch.full((padding,), self.max_len, dtype=torch.long, device=device))
+        join = (lambda parts: parts[0]) if len(ids) == 1 else torch.cat
+        token_ids, token_positions = join(ids), join(embed)
         x = F.embedding(token_ids, self.wte) + F.embedding(token_positions, self.wpe)
         # a token's keys and values go to (k or v, slot s, head h, position p) of a
-        # layer: one flat row per (token, k or v, head) in its `[2 * slots * heads *
-        # positions, dim]` view
-        place = torch.cat(places)
-        slot, at = place // stride, place % stride
-        heads = torch.arange(self.heads, device=device)
-        cells = ((slot[:, None] * self.heads + heads) * stride + at[:, None])[:, None]
-        half = self.slots * self.heads * stride  # where the values start
-        flat = (cells + torch.tensor([[0], [half]], device=device)).view(-1)
+        # layer: one flat row ("cell") per (token, k or v, head) in its `[2 * slots
+        # * heads * positions, dim]` view; its first is (k, s, 0, p)
+        flat = (join(firsts)[:, None, None] + self._cell_offsets).view(-1)
         hidden = self._blocks(x, parts, flat)
-        return self._logits(hidden[torch.cat(picks)])
+        if len(picks) == 1 and picks[0].shape[0] == hidden.shape[0]:  # a decode step
+            return self._logits(hidden)
+        return self._logits(hidden[join(picks)])
 
     def _prefill_part(
         self, offset: int, first_slot: int, fresh: Sequence[Sequence[int]], starts: Sequence[int]
     ) -> tuple[_Part, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One prefill's part of a pass, at tokens `offset`.. of it: the part and
-        its tokens' ids, places (slot * stride + position; pads go to the scratch
-        column), embedding positions and the picks (each row's last token)."""
+        its tokens' ids, first cells (see `step`; pads go to the scratch column),
+        embedding positions and the picks (each row's last token)."""
         device, stride = self.device, self.max_len + 1
         rows, width = len(fresh), max(len(row) for row in fresh)
         grid = torch.zeros((rows, width), dtype=torch.long)
@@ -317,7 +328,7 @@ class Gpt2Runner:
         last = torch.tensor([len(row) - 1 for row in fresh], device=device)
         return _Part(offset, first_slot, rows, width, span, visible[:, None]), (
             grid.view(-1),
-            (slots[:, None] * stride + where).view(-1),
+            (slots[:, None] * (self.heads * stride) + where).view(-1),
             where.clamp(max=self.wpe.shape[0] - 1).view(-1),
             offset + torch.arange(rows, device=device) * width + last,
         )
@@ -332,8 +343,7 @@ class Gpt2Runner:
         for part in parts:
             # additive masks, built once per pass: given a bool one, SDPA converts it
             # in every layer; the decode matmuls add theirs inside the first product
-            hidden = torch.zeros(part.visible.shape, dtype=self.dtype, device=x.device)
-            hidden.masked_fill_(part.visible.logical_not(), -math.inf)
+            hidden = torch.where(part.visible, *self._mask_values)
             if part.width == 1 and self.decode_attention != SDPA:  # per (row, head): `baddbmm`'s
                 hidden = hidden.expand(part.rows, heads, 1, part.span)
                 hidden = hidden.reshape(part.rows * heads, 1, part.span)
