@@ -17,15 +17,11 @@ memory instead of being read back for every reply.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
-from sqlalchemy import text as sql
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
 
 from storage.base import (
@@ -38,11 +34,28 @@ from storage.base import (
     rows_affected,
 )
 from storage.history import FILL_SLACK, RecentTurns, turn_key
-from storage.models import Conversation, Message, User, utcnow
-
-messages_table: Table = Message.__table__  # type: ignore[assignment]
-conversations_table: Table = Conversation.__table__  # type: ignore[assignment]
-_users: Table = User.__table__  # type: ignore[assignment]
+from storage.models import Conversation, utcnow
+from storage.statements import (
+    ACTIVE_CONVERSATION,
+    BY_DEDUP_KEY,
+    FINISH_TURN,
+    HISTORY,
+    HISTORY_BEFORE,
+    INSERT_CONVERSATION,
+    INSERT_DEDUPED,
+    INSERT_MESSAGE,
+    RECENT,
+    REPLIES_TO,
+    TOUCH,
+    TOUCH_ACTIVE,
+    TOUCH_ACTIVE_AT,
+    TOUCH_FOR_REPLY,
+    UPSERT_USER,
+    VERSION,
+    XACT_LOCK,
+    conversations_table,
+    lock_key,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,138 +98,6 @@ class ConversationPlace:
     address: dict[str, str]
 
 
-def lock_key(platform: str, chat_id: str, owner: str) -> int:
-    """A stable signed 64-bit key for PostgreSQL advisory locks."""
-    digest = hashlib.blake2b(f"{platform}\x1f{chat_id}\x1f{owner}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-XACT_LOCK = sql("SELECT pg_advisory_xact_lock(:key)")
-FINISH_TURN = (
-    update(messages_table)
-    .where(messages_table.c.id == bindparam("message_id"), messages_table.c.turn_done.is_(False))
-    .values(turn_done=True)
-)
-_INSERT_MESSAGE = insert(messages_table)
-_INSERT_CONVERSATION = insert(conversations_table)
-_ACTIVE_CONVERSATION = (
-    select(
-        conversations_table.c.id, conversations_table.c.handoff_state, conversations_table.c.address
-    )
-    .where(
-        conversations_table.c.platform == bindparam("platform"),
-        conversations_table.c.chat_id == bindparam("chat_id"),
-        conversations_table.c.owner == bindparam("owner"),
-        conversations_table.c.active.is_(True),
-    )
-    .order_by(conversations_table.c.id.desc())
-    .limit(1)
-)
-_version = conversations_table.c.version
-#: A user message's conversation: the active one, its version moved (a
-#: message follows in the same transaction) and its state read, in one statement.
-_TOUCH_ACTIVE = (
-    update(conversations_table)
-    .where(
-        conversations_table.c.id
-        == select(conversations_table.c.id)
-        .where(
-            # (an UPDATE keeps the columns' own names for its SET clause)
-            conversations_table.c.platform == bindparam("key_platform"),
-            conversations_table.c.chat_id == bindparam("key_chat_id"),
-            conversations_table.c.owner == bindparam("key_owner"),
-            conversations_table.c.active.is_(True),
-        )
-        .order_by(conversations_table.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    .values(version=_version + 1)
-    .returning(conversations_table.c.id, conversations_table.c.handoff_state, _version)
-)
-#: The same, also remembering where replies go.
-_TOUCH_ACTIVE_AT = _TOUCH_ACTIVE.values(
-    address=bindparam("address", type_=conversations_table.c.address.type)
-)
-#: A reply's conversation, its version moved, unless people hold it now.
-_TOUCH_FOR_REPLY = (
-    update(conversations_table)
-    .where(
-        conversations_table.c.id == bindparam("conversation_id"),
-        conversations_table.c.handoff_state == "bot",
-    )
-    .values(version=_version + 1)
-    .returning(_version)
-)
-#: Any message's conversation, its version moved.
-_TOUCH = (
-    update(conversations_table)
-    .where(conversations_table.c.id == bindparam("conversation_id"))
-    .values(version=_version + 1)
-    .returning(_version)
-)
-_VERSION = select(_version).where(conversations_table.c.id == bindparam("conversation_id"))
-_BY_DEDUP_KEY = select(
-    messages_table.c.id,
-    messages_table.c.conversation_id,
-    messages_table.c.role,
-    messages_table.c.text,
-    messages_table.c.created_at,
-    messages_table.c.turn_done,
-).where(messages_table.c.dedup_key == bindparam("dedup_key"))
-#: A reply sorts right after the message it answers.
-turn_order = func.coalesce(messages_table.c.reply_to_id, messages_table.c.id)
-_HISTORY_COLUMNS = select(
-    messages_table.c.id,
-    messages_table.c.conversation_id,
-    messages_table.c.role,
-    messages_table.c.text,
-    messages_table.c.created_at,
-    messages_table.c.author,
-    messages_table.c.source,
-).where(messages_table.c.conversation_id == bindparam("conversation_id"))
-_HISTORY_ORDER = (turn_order.desc(), messages_table.c.id.desc())
-_HISTORY = _HISTORY_COLUMNS.order_by(*_HISTORY_ORDER).limit(bindparam("limit"))
-#: The newest messages with what they answer: what fills the in-memory turns.
-_RECENT = _HISTORY.add_columns(messages_table.c.reply_to_id)
-_HISTORY_BEFORE = (
-    _HISTORY_COLUMNS.where(turn_order < bindparam("before_id"))
-    .order_by(*_HISTORY_ORDER)
-    .limit(bindparam("limit"))
-)
-_HANDOFF_STATE = select(conversations_table.c.handoff_state).where(
-    conversations_table.c.id == bindparam("conversation_id")
-)
-_REPLIES_TO = (
-    select(messages_table.c.text, messages_table.c.source)
-    .where(messages_table.c.reply_to_id == bindparam("message_id"))
-    .order_by(messages_table.c.id)
-)
-
-
-def _upsert_user_statement(dialect_insert: Any) -> Any:
-    """Create the user, or update their display name if it changed."""
-    statement = dialect_insert(_users)
-    return statement.on_conflict_do_update(
-        index_elements=[_users.c.platform, _users.c.user_id],
-        set_={"user_name": statement.excluded.user_name},
-        where=(_users.c.user_name != statement.excluded.user_name)
-        & (statement.excluded.user_name != ""),
-    )
-
-
-_UPSERT_USER = {
-    "sqlite": _upsert_user_statement(sqlite_insert),
-    "postgresql": _upsert_user_statement(postgresql_insert),
-}
-_INSERT_DEDUPED = {
-    "sqlite": sqlite_insert(messages_table).on_conflict_do_nothing(index_elements=["dedup_key"]),
-    "postgresql": postgresql_insert(messages_table).on_conflict_do_nothing(
-        index_elements=["dedup_key"]
-    ),
-}
-
-
 def _insert_message(connection: Connection, statement: Any, **values: Any) -> StoredMessage | None:
     now = utcnow()
     result = connection.execute(statement, {"created_at": now, **values})
@@ -246,8 +127,8 @@ def _history_rows(
 ) -> list[Any]:
     params = {"conversation_id": conversation_id, "limit": limit}
     if before_id is None:
-        return list(connection.execute(_HISTORY, params))
-    return list(connection.execute(_HISTORY_BEFORE, {**params, "before_id": before_id}))
+        return list(connection.execute(HISTORY, params))
+    return list(connection.execute(HISTORY_BEFORE, {**params, "before_id": before_id}))
 
 
 class Conversations(Repository):
@@ -279,8 +160,8 @@ class Conversations(Repository):
         """Commit a user's message to the conversation's active thread and
         remember where replies go. A message whose `dedup_key` was stored
         before is not stored again: the earlier copy is returned."""
-        upsert = _UPSERT_USER[self.dialect]
-        insert_message = _INSERT_DEDUPED[self.dialect] if dedup_key else _INSERT_MESSAGE
+        upsert = UPSERT_USER[self.dialect]
+        insert_message = INSERT_DEDUPED[self.dialect] if dedup_key else INSERT_MESSAGE
         user = {
             "platform": platform,
             "user_id": user_id,
@@ -288,7 +169,7 @@ class Conversations(Repository):
             "created_at": utcnow(),
         }
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
-        touch = _TOUCH_ACTIVE if address is None else _TOUCH_ACTIVE_AT
+        touch = TOUCH_ACTIVE if address is None else TOUCH_ACTIVE_AT
         touch_params: dict[str, Any] = {
             "key_platform": platform,
             "key_chat_id": chat_id,
@@ -308,7 +189,7 @@ class Conversations(Repository):
             found = connection.execute(touch, touch_params).first()
             if found is None:
                 values = {**key, "active": True, "started_at": utcnow(), "address": address}
-                result = connection.execute(_INSERT_CONVERSATION, {**values, "version": 1})
+                result = connection.execute(INSERT_CONVERSATION, {**values, "version": 1})
                 touched = _Touched(inserted_id(result), 1, created=True)
                 state = "bot"
             else:
@@ -332,7 +213,7 @@ class Conversations(Repository):
             )
             if stored is not None:
                 return Intake(stored, False, False, state), touched
-            row = connection.execute(_BY_DEDUP_KEY, {"dedup_key": dedup_key}).one()
+            row = connection.execute(BY_DEDUP_KEY, {"dedup_key": dedup_key}).one()
             earlier = StoredMessage(row.id, row.conversation_id, row.role, row.text, row.created_at)
             return Intake(earlier, True, bool(row.turn_done), state), touched
 
@@ -368,13 +249,13 @@ class Conversations(Repository):
             if not rows_affected(connection.execute(FINISH_TURN, {"message_id": reply_to.id})):
                 return None
             version = connection.execute(
-                _TOUCH_FOR_REPLY, {"conversation_id": conversation_id}
+                TOUCH_FOR_REPLY, {"conversation_id": conversation_id}
             ).scalar()
             if version is None:  # people hold it (or it is gone)
                 return None
             stored = _insert_message(
                 connection,
-                _INSERT_MESSAGE,
+                INSERT_MESSAGE,
                 conversation_id=conversation_id,
                 platform=platform,
                 user_id=user_id,
@@ -405,10 +286,10 @@ class Conversations(Repository):
         """Store what a person wrote into a conversation."""
 
         def work(connection: Connection) -> tuple[StoredMessage, int | None]:
-            version = connection.execute(_TOUCH, {"conversation_id": conversation_id}).scalar()
+            version = connection.execute(TOUCH, {"conversation_id": conversation_id}).scalar()
             stored = _insert_message(
                 connection,
-                _INSERT_MESSAGE,
+                INSERT_MESSAGE,
                 conversation_id=conversation_id,
                 platform=platform,
                 user_id=user_id,
@@ -433,7 +314,7 @@ class Conversations(Repository):
     @guarded
     async def replies_to(self, message: StoredMessage) -> list[tuple[str, dict[str, Any] | None]]:
         """The stored replies (text, source) to one user message."""
-        query = _REPLIES_TO
+        query = REPLIES_TO
 
         def work(connection: Connection) -> list[tuple[str, dict[str, Any] | None]]:
             rows = connection.execute(query, {"message_id": message.id})
@@ -468,7 +349,7 @@ class Conversations(Repository):
         if held is not None and self.dialect != "sqlite":
             current = await self.db.read_rows(
                 lambda connection: connection.execute(
-                    _VERSION, {"conversation_id": conversation_id}
+                    VERSION, {"conversation_id": conversation_id}
                 ).scalar()
             )
             if current != held:
@@ -495,7 +376,7 @@ class Conversations(Repository):
         key = {"platform": platform, "chat_id": chat_id, "owner": owner}
 
         def work(connection: Connection) -> list[Any]:
-            found = connection.execute(_ACTIVE_CONVERSATION, key).first()
+            found = connection.execute(ACTIVE_CONVERSATION, key).first()
             if found is None:
                 return []
             return _history_rows(connection, found.id, None, limit)
@@ -533,11 +414,11 @@ class Conversations(Repository):
         def work(connection: Connection) -> tuple[int, str, bool]:
             if self.dialect == "postgresql":
                 connection.execute(XACT_LOCK, {"key": lock_key(platform, chat_id, owner)})
-            found = connection.execute(_ACTIVE_CONVERSATION, key).first()
+            found = connection.execute(ACTIVE_CONVERSATION, key).first()
             if found is not None:
                 return int(found.id), str(found.handoff_state), False
             result = connection.execute(
-                _INSERT_CONVERSATION,
+                INSERT_CONVERSATION,
                 {**key, "active": True, "started_at": utcnow(), "address": address},
             )
             return inserted_id(result), "bot", True
@@ -599,10 +480,10 @@ def _recent_rows(
 ) -> tuple[int | None, list[tuple[tuple[int, int], StoredMessage]]]:
     """The conversation's version, then (so that they are at least as new) its
     newest `limit` messages with their sort keys."""
-    version = connection.execute(_VERSION, {"conversation_id": conversation_id}).scalar()
+    version = connection.execute(VERSION, {"conversation_id": conversation_id}).scalar()
     if version is None:
         return None, []
-    rows = connection.execute(_RECENT, {"conversation_id": conversation_id, "limit": limit})
+    rows = connection.execute(RECENT, {"conversation_id": conversation_id, "limit": limit})
     out = []
     for *columns, reply_to_id in rows:
         message = _stored(*columns)

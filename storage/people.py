@@ -10,9 +10,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from storage.base import Repository, Transactions, guarded, iso, rows_affected
-from storage.conversations import StoredMessage, turn_order
+from storage.conversations import StoredMessage
 from storage.history import RecentTurns
 from storage.models import Conversation, Draw, Message, UnansweredQuestion, User
+from storage.statements import turn_order
 
 
 @dataclass(slots=True)

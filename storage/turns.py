@@ -22,13 +22,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from storage.base import DATABASE_ERRORS, Repository, StorageUnavailable, guarded, rows_affected
-from storage.conversations import (
-    FINISH_TURN,
-    StoredMessage,
-    conversations_table,
-    lock_key,
-    messages_table,
-)
+from storage.conversations import StoredMessage
+from storage.statements import FINISH_TURN, conversations_table, lock_key, messages_table
 
 _LOCK = sql("SELECT pg_advisory_lock(:key)")
 _UNLOCK = sql("SELECT pg_advisory_unlock(:key)")

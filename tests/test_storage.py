@@ -67,13 +67,13 @@ async def test_history_is_read_through_its_index_not_sorted(db_url: str) -> None
     compare expression indexes, so the drift check above does not see it)."""
     from sqlalchemy.dialects import sqlite
 
-    from storage.conversations import _HISTORY
+    from storage.statements import HISTORY
 
     store = await Store.open(db_url)
     try:
         async with store.engine.connect() as connection:
             if store.engine.dialect.name == "sqlite":
-                compiled = _HISTORY.compile(dialect=sqlite.dialect())
+                compiled = HISTORY.compile(dialect=sqlite.dialect())
                 values = {"conversation_id": 1, "limit": 10}
                 params = tuple(values.get(name, 0) for name in compiled.positiontup or ())
                 result = await connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params)
