@@ -172,7 +172,9 @@ class Gpt2Runner:
         # values as `[slots * heads, positions, head_dim]`, for decode steps
         self._writes = [self.cache[layer].view(-1, self.head_dim) for layer in range(self.layers)]
         per_head = (slots * self.heads, max_len + 1, self.head_dim)
-        self._head_keys = [self.keys[layer].view(per_head) for layer in range(self.layers)]
+        self._head_keys = [  # transposed, as the scores' product takes them
+            self.keys[layer].view(per_head).transpose(1, 2) for layer in range(self.layers)
+        ]
         self._head_values = [self.values[layer].view(per_head) for layer in range(self.layers)]
         # and the index arithmetic that is the same in every pass
         stride = max_len + 1
@@ -384,10 +386,12 @@ class Gpt2Runner:
             first, count = part.first_slot * self.heads, rows * self.heads
             k = self._head_keys[layer][first : first + count]
             v = self._head_values[layer][first : first + count]
-            if part.span < k.shape[1]:
-                k, v = k[:, : part.span], v[:, : part.span]
-            q = query[part.offset : part.offset + rows].reshape(count, 1, self.head_dim)
-            scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=self.scales[layer])
+            if part.span < v.shape[1]:
+                k, v = k[..., : part.span], v[:, : part.span]
+            if part.offset or query.shape[0] > rows:
+                query = query[part.offset : part.offset + rows]
+            q = query.reshape(count, 1, self.head_dim)
+            scores = torch.baddbmm(mask, q, k, alpha=self.scales[layer])
             return torch.bmm(scores.softmax(-1), v).view(rows, self.width)
         q = query[part.offset : part.offset + rows * width].view(rows, width, self.heads, -1)
         q = q.transpose(1, 2)
