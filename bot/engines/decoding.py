@@ -120,13 +120,19 @@ class BatchDecoder:
         return candidates.gather(-1, choice).squeeze(-1)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        logits = self._penalise(logits.float(), self._seen[: len(rows)])
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        logits = self._penalise(logits, self._seen[: len(rows)])
         minimum = self.settings.min_new_tokens
-        if minimum and any(row.steps < minimum for row in rows):
-            early = torch.tensor([row.steps < minimum for row in rows], device=self.device)
+        early = [row.steps < minimum for row in rows] if minimum else []
+        if any(early):
             if self.settings.repetition_penalty == 1.0:  # the runner's own tensor: keep it
                 logits = logits.clone()
-            logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(early, -torch.inf)
+            if all(early):  # one operation, not four
+                logits[:, self.eos_id] = -torch.inf
+            else:
+                mask = torch.tensor(early, device=self.device)
+                logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(mask, -torch.inf)
         tokens: list[int] = self._next_tokens(logits).tolist()
         return tokens
 
