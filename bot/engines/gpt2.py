@@ -73,7 +73,7 @@ def _padded(tokens: int) -> int:
 #: reads the strided slice of the cache in place); or two products over the
 #: slots' whole width, masked (bf16 on a CPU without AMX: SDPA's bf16 kernel took
 #: 4-7x as long as products there, and oneDNN's bf16 product copies an operand
-#: that is not contiguous, as a slice of the slots' positions is: 70% of a 32-row
+#: that is not contiguous, as a slice of the slots' positions is: 46% of a 32-row
 #: step went to those copies; the whole width is contiguous).
 SDPA, SPAN, WHOLE_WIDTH = "sdpa", "span", "whole width"
 DECODE_ATTENTION = (SDPA, SPAN, WHOLE_WIDTH)
