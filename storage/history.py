@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 #: Conversations kept when nobody says otherwise (`[storage] history_cache`).
 DEFAULT_CONVERSATIONS = 1000
+#: People remembered per conversation (a big group chat's are forgotten past
+#: this, which only means their users row is written again).
+MAX_KNOWN_USERS = 256
 #: Rows read beyond the asked-for limit when an entry is filled: room for the
 #: messages that sort after the one being answered (queued ones, say).
 FILL_SLACK = 16
@@ -196,6 +199,8 @@ class RecentTurns:
         if added is not None:
             entry.add(turn_key(added, reply_to_id), added)
             if user is not None:
+                if len(entry.users) >= MAX_KNOWN_USERS:
+                    entry.users.clear()
                 entry.users.add(user)
         self._entries.move_to_end(conversation_id)
 

@@ -89,6 +89,7 @@ class Writer:
         self._since_checkpoint = 0
         self._wake_checkpointer = threading.Event()
         self._stopping = False
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="sqlite-writer", daemon=True)
         self._thread.start()
         self._checkpointer: threading.Thread | None = None
@@ -99,11 +100,14 @@ class Writer:
             self._checkpointer.start()
 
     async def run(self, kind: Kind, work: Callable[[Any], T]) -> T:
+        if self._closed:
+            raise RuntimeError("the store is closed")
         future: Future[T] = Future()
         self._jobs.put(_Job(kind, work, future))
         return await asyncio.wrap_future(future)
 
     async def close(self) -> None:
+        self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
         if self._checkpointer is not None:

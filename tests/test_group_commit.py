@@ -167,3 +167,11 @@ async def test_checkpoints_run_beside_the_writer(tmp_path: Path) -> None:
     finally:
         await reopened.close()
     assert stored == [f"message {index}" for index in range(40)]
+
+
+async def test_a_closed_store_refuses_writes_instead_of_hanging(tmp_path: Path) -> None:
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    await _say(store, "ann", "before")
+    await store.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.wait_for(_say(store, "ann", "after"), 5)

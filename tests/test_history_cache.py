@@ -304,3 +304,15 @@ def test_an_unknown_outcome_drops_the_conversation_written_under_a_key() -> None
     recent.started(("test", "c", "ann"), 7, 0)
     recent.drop_key(("test", "c", "ann"))
     assert recent.read(7, None, 1) is None
+
+
+def test_a_crowded_chat_forgets_who_it_knows_rather_than_grow() -> None:
+    from storage.history import MAX_KNOWN_USERS
+
+    recent = RecentTurns(4)
+    key = ("test", "group", "")
+    recent.started(key, 7, 0)
+    for index in range(MAX_KNOWN_USERS + 10):
+        recent.wrote(7, index, index + 1, _m(index + 1), user=(f"u{index}", "U"))
+    assert recent.known_user(key, (f"u{MAX_KNOWN_USERS + 9}", "U")) is not None
+    assert recent.known_user(key, ("u0", "U")) is None  # written again next time
