@@ -27,13 +27,18 @@ FILLER = ["you", "are", "so", "a", "the", "day", "is", "what", "very", "really"]
 
 
 def sentences() -> list[tuple[str, int]]:
+    """Each word alone and among 1-3 filler words at every position: sentences
+    of several lengths, so that what is learnt is the word, not the length
+    (with one length only, how a 3-word sentence came out varied by CPU)."""
     rows = []
     for index, word in enumerate(RUDE + KIND):
         label = 1 if word in RUDE else 0
-        for shift in range(4):
-            filler = [FILLER[(index + shift + k) % len(FILLER)] for k in range(3)]
-            words = [*filler[: shift % 3], word, *filler[shift % 3 :]]
-            rows.append((" ".join(words), label))
+        rows.append((word, label))
+        for shift in range(6):
+            count = 1 + shift % 3
+            filler = [FILLER[(index + shift + k) % len(FILLER)] for k in range(count)]
+            at = shift % (count + 1)
+            rows.append((" ".join([*filler[:at], word, *filler[at:]]), label))
     return rows
 
 
@@ -76,7 +81,7 @@ def build_tiny_classifier(path: Path, labels: tuple[str, str] = ("ok", "toxic"))
     targets = torch.tensor([label for _, label in rows])
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     model.train()
-    for _ in range(60):
+    for _ in range(120):
         optimizer.zero_grad()
         loss = model(**batch, labels=targets).loss
         loss.backward()
