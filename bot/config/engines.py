@@ -14,7 +14,7 @@ class TextSection(Section):
     model: str = "models/chitchat-gpt2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: the linear layers on the CPU: "auto" = bf16 where the CPU multiplies it in
-    #: hardware (AMX), else fp32 ("none"); "int8"; "bf16"
+    #: hardware (AMX or AVX512-BF16), else fp32 ("none"); "int8"; "bf16"
     quantize: Literal["auto", "none", "int8", "bf16"] = "auto"
     max_new_tokens: Annotated[int, Field(gt=0, le=1024)] = 48
     #: shortest reply in tokens: EOS is impossible before (the bench sets it to max_new_tokens)
