@@ -115,8 +115,7 @@ class RecentTurns:
     def read(
         self, conversation_id: int, before_id: int | None, limit: int
     ) -> list[StoredMessage] | None:
-        entry = self._entries.get(conversation_id)
-        found = entry.window(before_id, limit) if entry is not None else None
+        found = self.peek(conversation_id, before_id, limit)
         if found is None:
             self.misses += 1
             return None

@@ -39,18 +39,26 @@ FINISH_TURN = (
 )
 INSERT_MESSAGE = insert(messages_table)
 INSERT_CONVERSATION = insert(conversations_table)
-ACTIVE_CONVERSATION = (
-    select(
-        conversations_table.c.id, conversations_table.c.handoff_state, conversations_table.c.address
+
+
+def _active_of_key(prefix: str, *columns: Any) -> Any:
+    """SELECT `columns` of the key's active conversation (the newest), the key
+    bound as `{prefix}platform`, `{prefix}chat_id` and `{prefix}owner`."""
+    return (
+        select(*columns)
+        .where(
+            conversations_table.c.platform == bindparam(f"{prefix}platform"),
+            conversations_table.c.chat_id == bindparam(f"{prefix}chat_id"),
+            conversations_table.c.owner == bindparam(f"{prefix}owner"),
+            conversations_table.c.active.is_(True),
+        )
+        .order_by(conversations_table.c.id.desc())
+        .limit(1)
     )
-    .where(
-        conversations_table.c.platform == bindparam("platform"),
-        conversations_table.c.chat_id == bindparam("chat_id"),
-        conversations_table.c.owner == bindparam("owner"),
-        conversations_table.c.active.is_(True),
-    )
-    .order_by(conversations_table.c.id.desc())
-    .limit(1)
+
+
+ACTIVE_CONVERSATION = _active_of_key(
+    "", conversations_table.c.id, conversations_table.c.handoff_state, conversations_table.c.address
 )
 version_column = conversations_table.c.version
 #: A user message's conversation: the active one, its version moved (a
@@ -58,18 +66,9 @@ version_column = conversations_table.c.version
 TOUCH_ACTIVE = (
     update(conversations_table)
     .where(
+        # (an UPDATE keeps the columns' own names for its SET clause)
         conversations_table.c.id
-        == select(conversations_table.c.id)
-        .where(
-            # (an UPDATE keeps the columns' own names for its SET clause)
-            conversations_table.c.platform == bindparam("key_platform"),
-            conversations_table.c.chat_id == bindparam("key_chat_id"),
-            conversations_table.c.owner == bindparam("key_owner"),
-            conversations_table.c.active.is_(True),
-        )
-        .order_by(conversations_table.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
+        == _active_of_key("key_", conversations_table.c.id).scalar_subquery()
     )
     .values(version=version_column + 1)
     .returning(conversations_table.c.id, conversations_table.c.handoff_state, version_column)

@@ -20,6 +20,7 @@ import torch
 
 from bot.config import Config, load_config
 from bot.testing.tiny_models import build_tiny_gpt2
+from storage import Store
 
 # Tiny models on a small shared CPU run many times faster on one thread than
 # with threads fighting over the cores; subprocesses get the same through env.
@@ -114,6 +115,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """A store on `db_url` (SQLite and PostgreSQL); a module may define its own."""
+    opened = await Store.open(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 # -- configs -------------------------------------------------------------------

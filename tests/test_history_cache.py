@@ -21,15 +21,6 @@ from storage.history import RecentTurns
 
 
 @pytest.fixture
-async def store(db_url: str):
-    opened = await Store.open(db_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
-@pytest.fixture
 async def other(db_url: str, store: Store):
     """Another process's store on the same database."""
     opened = await Store.open(db_url)

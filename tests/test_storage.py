@@ -12,15 +12,6 @@ from storage import StorageUnavailable, Store
 from storage.database import create_engine
 
 
-@pytest.fixture
-async def store(db_url: str):
-    opened = await Store.open(db_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-
-
 async def _say(store: Store, user: str, text: str, chat: str = "c1", owner: str | None = None):
     intake = await store.conversations.add_user_message(
         platform="test",
