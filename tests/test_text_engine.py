@@ -97,6 +97,24 @@ async def test_the_final_chunk_counts_the_tokens_of_the_reply(engine: LocalTextE
     assert all(chunk.tokens == 0 for chunk in chunks[:-1])
 
 
+async def test_the_final_chunk_counts_the_prompt_as_fitted_to_the_budget(
+    text_config: Callable[..., LocalEngineSettings],
+) -> None:
+    """What the bench reports as prompt tokens: the engine's own count, so the
+    event loop does not tokenize every prompt a second time."""
+    running = LocalTextEngine(text_config(max_history_tokens=40))
+    await running.start()
+    try:
+        turns = [f"turn number {n} says something about dogs and coffee" for n in range(12)]
+        fitted = encode_dialogue(running.tokenizer, turns, running.prompt_budget)
+        assert len(fitted) < sum(len(encode_turn(running.tokenizer, t)) for t in turns)
+        chunks = [chunk async for chunk in running.stream(turns)]
+        assert chunks[-1].prompt_tokens == len(fitted)
+        assert all(chunk.prompt_tokens == 0 for chunk in chunks[:-1])
+    finally:
+        await running.close()
+
+
 async def test_concurrent_requests_are_batched_and_each_gets_its_own_reply(
     engine: LocalTextEngine,
 ) -> None:

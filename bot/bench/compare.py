@@ -205,7 +205,7 @@ async def _all_runs(
                     manager, engine, pattern, chosen, f"bot-{tag}", ramp_s=ramp, tick=bar.tick
                 )
             ]
-            ask = engine_ask(engine, tokenizer, f"engine-{tag}")
+            ask = engine_ask(engine, f"engine-{tag}")
             runs.append(
                 await run_pattern("ours (engine)", pattern, ask, chosen, ramp_s=ramp, tick=bar.tick)
             )

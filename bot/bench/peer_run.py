@@ -150,14 +150,15 @@ def peer_ask(server: PeerServer, tokenizer: Any, budget: int) -> Ask:
     return ask
 
 
-def engine_ask(engine: Any, tokenizer: Any, tag: str) -> Ask:
-    """Our engine alone (no manager, no database), on the peers' harness."""
+def engine_ask(engine: Any, tag: str) -> Ask:
+    """Our engine alone (no manager, no database), on the peers' harness. The
+    prompt's length is the engine's own count: encoding the prompt here too, on
+    the event loop, only to report it held the GIL against the engine's thread."""
 
     async def ask(user: int, turns: list[str]) -> tuple[str, int, int]:
-        prompt = len(encode_dialogue(tokenizer, turns, engine.prompt_budget))
         async for chunk in engine.stream(turns, conversation=f"{tag}-{user}"):
             if chunk.final:
-                return chunk.text, chunk.tokens, prompt
+                return chunk.text, chunk.tokens, chunk.prompt_tokens
         raise RuntimeError("the engine ended without a reply")
 
     return ask

@@ -26,6 +26,9 @@ class TextChunk:
     final: bool
     #: on the final chunk: tokens generated for this reply (for token quotas)
     tokens: int = 0
+    #: on the final chunk: tokens of the prompt the reply continued, as fitted to
+    #: the budget (0 where the engine does not know, e.g. a remote server)
+    prompt_tokens: int = 0
 
 
 class EngineObserver(Protocol):

@@ -141,7 +141,11 @@ class LocalTextEngine:
                 if isinstance(value, BaseException):
                     raise value
                 if kind == "done":
-                    yield TextChunk(clean_reply(value), final=True, tokens=tokens)
+                    # the worker set `request` before it sent "done"
+                    prompt = len(pending.request.prompt_ids) if pending.request else 0
+                    yield TextChunk(
+                        clean_reply(value), final=True, tokens=tokens, prompt_tokens=prompt
+                    )
                     return
                 yield TextChunk(value.strip(), final=False)
         finally:
