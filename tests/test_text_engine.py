@@ -525,6 +525,7 @@ async def test_the_worker_remembers_turns_it_has_encoded(
     tokenizes each turn once (a bounded memory, least recently used out), and
     the prompt is still the one `encode_dialogue` builds."""
     import bot.engines.text as text
+    import bot.engines.worker as worker
 
     encoded: list[str] = []
 
@@ -532,7 +533,7 @@ async def test_the_worker_remembers_turns_it_has_encoded(
         encoded.append(turn)
         return encode_turn(tokenizer, turn)
 
-    monkeypatch.setattr(text, "encode_turn", counting)
+    monkeypatch.setattr(worker, "encode_turn", counting)
     first = await engine.generate(["hello there"], conversation="c")
     turns = ["hello there", first or "ok", "and you?"]
     await engine.generate(turns, conversation="c")
@@ -541,7 +542,7 @@ async def test_the_worker_remembers_turns_it_has_encoded(
     assert ids == encode_turn(engine.tokenizer, "and you?") and len(encoded) == 3
     prompt = text.fit_dialogue(turns, engine.prompt_budget, engine._encode_turn)
     assert prompt == encode_dialogue(engine.tokenizer, turns, engine.prompt_budget)
-    monkeypatch.setattr(text, "_TURNS_REMEMBERED", 2)
+    monkeypatch.setattr(worker, "_TURNS_REMEMBERED", 2)
     for turn in ("a", "b", "c"):
         engine._encode_turn(turn)
     assert list(engine._turn_ids) == ["b", "c"]
