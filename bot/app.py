@@ -87,7 +87,9 @@ class BotApp:
         try:
             from bot.engine_settings import build_text_engine
 
-            self.engine = self._engine or build_text_engine(config.text, self.metrics)
+            self.engine = self._engine or build_text_engine(
+                config.text, self.metrics, data_dir=config.bot.data_dir
+            )
             await self.engine.start()
         except EngineUnavailable as exc:
             raise StartupError(str(exc)) from exc

@@ -59,6 +59,16 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
         print(_line(False, "database", f"{_safe_url(config.storage.url)}: {exc}"))
 
     model = config.text.model
+    if config.text.engine == "ctranslate2":
+        from bot.engines.ct2 import ctranslate2_missing
+
+        missing = ctranslate2_missing()
+        if missing is not None:
+            failures += 1
+            print(_line(False, "text engine", missing))
+        else:
+            cache = config.bot.data_dir / "ctranslate2"
+            print(_line(True, "text engine", f"CTranslate2, converted models in {cache}"))
     if config.text.engine == "remote":
         print(_line(None, "text model", f"remote engine at {config.text.remote_url}"))
     elif looks_local(model):

@@ -4,11 +4,13 @@ engines themselves stay pure (`bot.engines.settings`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.config import DrawSection, TextSection, read_secret
 from bot.engines import EngineObserver, TextEngine
 from bot.engines.settings import (
+    Ct2EngineSettings,
     LocalEngineSettings,
     ModelSource,
     RemoteEngineSettings,
@@ -47,6 +49,19 @@ def local_engine_settings(section: TextSection) -> LocalEngineSettings:
     )
 
 
+def ct2_engine_settings(section: TextSection, data_dir: Path) -> Ct2EngineSettings:
+    return Ct2EngineSettings(
+        model=ModelSource(section.model, section.device),
+        sampling=sampling_settings(section),
+        quantize=section.quantize,
+        max_history_tokens=section.max_history_tokens,
+        threads=section.threads,
+        max_batch_size=section.max_batch_size,
+        batch_wait_ms=section.batch_wait_ms,
+        cache_dir=data_dir / "ctranslate2",
+    )
+
+
 def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:
     key = read_secret(section.api_key_env)
     return RemoteEngineSettings(
@@ -62,12 +77,22 @@ def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:
     )
 
 
-def build_text_engine(section: TextSection, observer: EngineObserver | None = None) -> TextEngine:
-    """The engine `[text] engine` names, not started yet."""
+def build_text_engine(
+    section: TextSection,
+    observer: EngineObserver | None = None,
+    *,
+    data_dir: Path = Path("data"),
+) -> TextEngine:
+    """The engine `[text] engine` names, not started yet (`data_dir`: `[bot]
+    data_dir`, where the CTranslate2 engine keeps its converted models)."""
     if section.engine == "remote":
         from bot.engines.remote import RemoteTextEngine
 
         return RemoteTextEngine(remote_engine_settings(section), observer)
+    if section.engine == "ctranslate2":
+        from bot.engines.ct2 import Ct2TextEngine
+
+        return Ct2TextEngine(ct2_engine_settings(section, data_dir), observer)
     from bot.engines.text import LocalTextEngine
 
     return LocalTextEngine(local_engine_settings(section), observer)

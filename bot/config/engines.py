@@ -10,7 +10,9 @@ from bot.config.section import Section
 
 
 class TextSection(Section):
-    engine: Literal["local", "remote"] = "local"
+    #: "local" (our engine), "ctranslate2" (the same model through CTranslate2:
+    #: the optional extra), "remote" (an OpenAI-compatible server)
+    engine: Literal["local", "ctranslate2", "remote"] = "local"
     model: str = "models/chitchat-gpt2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: the linear layers on the CPU: "auto" = bf16 where the CPU multiplies it in

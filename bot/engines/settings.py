@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,22 @@ class LocalEngineSettings:
     #: runs Python code that takes up to the interval (5 ms by default) per
     #: operation of ~20-400 µs. 0.2 ms: a 32-user closed-loop bench ran 12% faster.
     gil_switch_interval_s: float = 0.0002
+
+
+@dataclass(frozen=True, slots=True)
+class Ct2EngineSettings:
+    model: ModelSource
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    #: the precision, as `text.quantize` names it: "auto" (int8 on the CPU, float16
+    #: on CUDA), "none" (float32 / float16), "int8" (int8 / int8_float16), "bf16"
+    quantize: str = "auto"
+    max_history_tokens: int = 256
+    #: CTranslate2's intra-op threads (0: its default)
+    threads: int = 0
+    max_batch_size: int = 32
+    batch_wait_ms: float = 10.0
+    #: where converted models are kept
+    cache_dir: Path = Path("data/ctranslate2")
 
 
 @dataclass(frozen=True, slots=True)

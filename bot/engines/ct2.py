@@ -1,0 +1,335 @@
+"""The CTranslate2 text engine (`text.engine = "ctranslate2"`): the same model,
+converted once by CTranslate2's own converter and served by its C++ kernels.
+
+Why a second engine: on a CPU without AMX, CTranslate2's int8 products are
+faster than anything PyTorch offers there, and its decode loop has no
+per-operation cost. On a Zen 5 EPYC with the bundled model it answered one
+user in 37 ms where ours takes 86 ms, and served 32 users 1.2-1.4x faster
+(docs/PERFORMANCE.md). What it gives up against the local engine, by design
+of CTranslate2's API: no prefix reuse (every prompt is encoded whole, so
+latency grows with the history), and no continuous batching (a request that
+arrives while a batch decodes waits for the next batch, which waits
+`batch_wait_ms` for company as the local engine's does). Streaming and
+cancellation work: CTranslate2 calls back for every token, and the callback
+stops a row whose caller went away.
+
+Conversion is cached under `[bot] data_dir`/ctranslate2, one folder per
+model, precision and CTranslate2 version, keyed by the model files' names,
+sizes and times (a retrained model is converted again; older conversions of
+the same model are removed). It happens on the worker thread, into a
+temporary folder that is renamed when complete, so a crash never leaves half
+a model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.engines import EngineObserver, EngineUnavailable
+from bot.engines.loading import (
+    load_local_or_hub,
+    load_pretrained_lm,
+    load_tokenizer,
+    looks_local,
+    model_missing_message,
+)
+from bot.engines.prompt import fit_dialogue
+from bot.engines.settings import Ct2EngineSettings
+from bot.engines.worker import Pending, WorkerEngine
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'aigc-bot[ctranslate2]'"
+#: what `text.quantize` means here, per device
+COMPUTE_TYPES = {
+    "cpu": {"auto": "int8", "none": "float32", "int8": "int8", "bf16": "bfloat16"},
+    "cuda": {"auto": "float16", "none": "float16", "int8": "int8_float16", "bf16": "bfloat16"},
+}
+_META = "aigc-bot.json"
+#: CTranslate2 feeds the prompt tokens beyond a batch's shortest prompt one step at
+#: a time, so a batch runs as length-sorted sub-batches of this many rows. With 32
+#: users on the bundled model (Zen 5, one thread): 2,943 tokens/s in sub-batches of
+#: 4, 2,509 of 8, 1,884 in one batch; one user alone is as fast either way.
+SUB_BATCH = 4
+
+
+def ctranslate2_missing() -> str | None:
+    """Why this engine cannot run here, or None when it can."""
+    if importlib.util.find_spec("ctranslate2") is None:
+        return f"text.engine = 'ctranslate2' needs CTranslate2: {INSTALL_HINT}"
+    return None
+
+
+def fingerprint(folder: Path) -> str:
+    """The model files' names, sizes and modification times, hashed: what
+    tells a retrained or replaced model from the one converted before."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            stat = path.stat()
+            digest.update(f"{relative.as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_folder(cache_dir: Path, name: str, model_id: str, compute_type: str) -> Path:
+    """Where the conversion of model `name` (whose content `model_id` names) in
+    `compute_type` lives."""
+    import ctranslate2
+
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or name).strip("-") or "model"
+    key = hashlib.sha256(
+        json.dumps([model_id, compute_type, ctranslate2.__version__]).encode()
+    ).hexdigest()[:16]
+    return cache_dir / f"{slug}-{compute_type}-{key}"
+
+
+def convert(source: str, target: Path, compute_type: str) -> None:
+    """`source` (a model folder) converted into `target`, atomically: into a
+    temporary sibling first, renamed when complete; other conversions of the
+    same model and precision are removed."""
+    from ctranslate2.converters import TransformersConverter
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        output = scratch / "model"
+        TransformersConverter(source).convert(str(output), quantization=compute_type, force=True)
+        (output / _META).write_text(json.dumps({"source": source}), encoding="utf-8")
+        os.replace(output, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    family = target.name.rsplit("-", 1)[0] + "-"
+    for other in target.parent.glob(f"{family}*"):
+        if other != target and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+
+
+@dataclass(slots=True)
+class _Row:
+    """What one request of a running batch has produced so far."""
+
+    pending: Pending
+    ids: list[int] = field(default_factory=list)
+    last_text: str = ""
+    last_emit: float = 0.0
+
+
+class Ct2TextEngine(WorkerEngine):
+    """Batched, streaming generation through CTranslate2's `Generator`."""
+
+    thread_name = "ctranslate2-engine"
+
+    def __init__(self, settings: Ct2EngineSettings, observer: EngineObserver | None = None):
+        super().__init__(
+            model_key=settings.model.key, batch_wait_ms=settings.batch_wait_ms, observer=observer
+        )
+        self.settings = settings
+        self.generator: Any = None
+        self.device = "cpu"
+        self.compute_type = ""
+        self.prompt_budget = settings.max_history_tokens
+        self.eos_id = 0
+        self.converted: Path | None = None
+        self.conversions = 0  # models converted by this engine (not found in the cache)
+        self.batch_sizes: list[int] = []
+
+    # -- loading (worker thread) -------------------------------------------------
+
+    def _load(self) -> None:
+        missing = ctranslate2_missing()
+        if missing is not None:
+            raise EngineUnavailable(missing)
+        import ctranslate2
+
+        s = self.settings
+        source = s.model
+        cuda_devices = ctranslate2.get_cuda_device_count()
+        device = source.device
+        if device == "auto":
+            device = "cuda" if cuda_devices else "cpu"
+        if device == "cuda" and not cuda_devices:
+            raise EngineUnavailable(
+                f"{source.device_key} = 'cuda' but this CTranslate2 build sees no CUDA device: "
+                f"set {source.device_key} = 'cpu' or 'auto'"
+            )
+        self.device = device
+        self.compute_type = COMPUTE_TYPES[device][s.quantize]
+        missing_model = model_missing_message(source.key, source.name)
+        invalid = f"{source.key} {source.name!r} is not a loadable model"
+        config = load_local_or_hub(
+            source.name, _load_config, missing=missing_model, invalid=invalid
+        )
+        self.tokenizer = load_local_or_hub(
+            source.name, load_tokenizer, missing=missing_model, invalid=invalid
+        )
+        if self.tokenizer.eos_token_id is None:
+            raise EngineUnavailable(f"{invalid}: its tokenizer has no EOS token")
+        self.eos_id = int(self.tokenizer.eos_token_id)
+        positions = int(
+            getattr(config, "n_positions", None)
+            or getattr(config, "max_position_embeddings", None)
+            or 1024
+        )
+        max_new = s.sampling.max_new_tokens
+        self.prompt_budget = max(8, min(s.max_history_tokens, positions - max_new))
+        self.converted = self._converted(source.name, config)
+        try:
+            self.generator = ctranslate2.Generator(
+                str(self.converted),
+                device=device,
+                compute_type=self.compute_type,
+                intra_threads=s.threads,
+                inter_threads=1,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise EngineUnavailable(
+                f"text.quantize = {s.quantize!r} ({self.compute_type}) does not run on this "
+                f"{device} with CTranslate2: {exc}"
+            ) from exc
+        log.info(
+            "text model %s served by CTranslate2 %s on %s (%s)",
+            Path(source.name).name or source.name,
+            ctranslate2.__version__,
+            device,
+            self.compute_type,
+        )
+
+    def _converted(self, name: str, config: Any) -> Path:
+        """The converted model's folder, converting first if the cache has none."""
+        s = self.settings
+        local = looks_local(name)
+        model_id = (
+            fingerprint(Path(name).expanduser())
+            if local
+            else (f"{name}@{getattr(config, '_commit_hash', None) or ''}")
+        )
+        target = cache_folder(s.cache_dir, name, model_id, self.compute_type)
+        if (target / "model.bin").is_file():
+            return target
+        started = time.perf_counter()
+        try:
+            if local:
+                convert(str(Path(name).expanduser()), target, self.compute_type)
+            else:  # from the hub cache (downloaded by the loader if needed), via a local copy
+                model, tokenizer = load_pretrained_lm(
+                    name,
+                    missing=model_missing_message(s.model.key, name),
+                    invalid=f"{s.model.key} {name!r} is not a loadable model",
+                )
+                with tempfile.TemporaryDirectory(prefix="aigc-ct2-") as copy:
+                    model.save_pretrained(copy)
+                    tokenizer.save_pretrained(copy)
+                    del model
+                    convert(copy, target, self.compute_type)
+        except EngineUnavailable:
+            raise
+        except Exception as exc:
+            raise EngineUnavailable(
+                f"{s.model.key} {name!r} could not be converted for CTranslate2: {exc}"
+            ) from exc
+        self.conversions += 1
+        log.info(
+            "converted %s for CTranslate2 in %.1f s: %s",
+            name,
+            time.perf_counter() - started,
+            target,
+        )
+        return target
+
+    # -- answering (worker thread) -------------------------------------------------
+
+    def _batch_limit(self) -> int:
+        return self.settings.max_batch_size
+
+    def _options(self) -> dict[str, Any]:
+        sampling = self.settings.sampling
+        return {
+            "max_batch_size": SUB_BATCH,
+            "max_length": sampling.max_new_tokens,
+            "min_length": sampling.min_new_tokens,
+            "repetition_penalty": sampling.repetition_penalty,
+            "end_token": [self.eos_id],
+            "include_prompt_in_result": False,
+            "sampling_topk": 1 if sampling.greedy else sampling.top_k,
+            "sampling_topp": 1.0 if sampling.greedy else sampling.top_p,
+            "sampling_temperature": 1.0 if sampling.greedy else sampling.temperature,
+        }
+
+    def _run(self, batch: list[Pending]) -> None:
+        live = [pending for pending in batch if not pending.cancelled.is_set()]
+        self._observe_queue()
+        if not live:
+            return
+        prompts = []
+        for pending in live:
+            ids = fit_dialogue(pending.turns, self.prompt_budget, self._encode_turn)
+            pending.prompt_tokens = len(ids)
+            prompts.append(self.tokenizer.convert_ids_to_tokens(ids))
+        rows = [_Row(pending) for pending in live]
+        self.batch_sizes.append(len(rows))
+        if self.observer is not None:
+            self.observer.observe_batch(len(rows))
+        try:
+            results = self.generator.generate_batch(
+                prompts, callback=lambda step: self._on_step(rows, step), **self._options()
+            )
+        except Exception as exc:
+            self.failures += 1
+            log.exception("text generation failed for a batch of %d", len(rows))
+            error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
+            for row in rows:
+                self._send(row.pending, "error", error)
+            return
+        replies = [
+            [token for token in result.sequences_ids[0] if token != self.eos_id]
+            for result in results
+        ]
+        total = sum(len(ids) for ids in replies)
+        if total:  # counted before any reply is handed over (token quotas read it)
+            self._count_tokens(total)
+        for row, ids in zip(rows, replies, strict=True):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            self._send(row.pending, "done", text, len(ids))
+
+    def _on_step(self, rows: list[_Row], step: Any) -> bool:
+        """CTranslate2's callback for each new token of one row; True stops that
+        row (its caller went away). Streams the growing text at most every
+        `stream_interval_s`."""
+        try:
+            row = rows[step.batch_id]
+            if row.pending.cancelled.is_set():
+                return True
+            if step.token_id == self.eos_id:
+                return False
+            row.ids.append(step.token_id)
+            now = time.monotonic()
+            if now - row.last_emit < self.settings.sampling.stream_interval_s:
+                return False
+            row.last_emit = now
+            text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            if text != row.last_text and not text.endswith("\ufffd"):
+                row.last_text = text
+                self._send(row.pending, "partial", text)
+        except Exception:  # an exception must not cross into CTranslate2's C++ loop
+            log.exception("streaming a reply failed")
+        return False
+
+
+def _load_config(target: str, local_files_only: bool) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(target, local_files_only=local_files_only)

@@ -1,0 +1,225 @@
+"""`text.engine = "ctranslate2"` on the tiny GPT-2, converted for real by
+CTranslate2's converter: streaming, batching, cancellation, the conversion
+cache, the errors a user can fix, and a message through the whole bot."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Config, TextSection
+from bot.engine_settings import build_text_engine
+from bot.engines import EngineUnavailable
+from bot.engines.prompt import encode_dialogue
+
+pytest.importorskip(
+    "ctranslate2", reason="the ctranslate2 extra is not installed (make test installs it)"
+)
+
+from bot.engines import ct2
+from bot.engines.ct2 import Ct2TextEngine
+
+
+class _Counter:
+    """An `EngineObserver` that remembers what the engine reported."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.batches: list[int] = []
+
+    def observe_queue(self, engine: str, depth: int) -> None:
+        pass
+
+    def observe_batch(self, rows: int) -> None:
+        self.batches.append(rows)
+
+    def count_tokens(self, count: int) -> None:
+        self.tokens += count
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Ct2TextEngine]:
+    def factory(observer: Any = None, **text: Any) -> Ct2TextEngine:
+        values: dict[str, Any] = {
+            "engine": "ctranslate2",
+            "model": str(tiny_model_dir),
+            "device": "cpu",
+            "max_new_tokens": 16,
+            "stream_interval_ms": 0,
+            "batch_wait_ms": 50,
+            "threads": 1,
+        }
+        values.update(text)
+        engine = build_text_engine(TextSection(**values), observer, data_dir=tmp_path / "data")
+        assert isinstance(engine, Ct2TextEngine)
+        return engine
+
+    return factory
+
+
+async def test_a_reply_streams_and_ends_with_its_token_counts(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    observer = _Counter()
+    engine = make_engine(observer)
+    await engine.start()
+    try:
+        assert engine.compute_type == "int8"  # text.quantize = "auto" on the CPU
+        turns = ["hello there", "hi, how are you?", "I like pizza today."]
+        chunks = [chunk async for chunk in engine.stream(turns)]
+        final = chunks[-1]
+        assert final.final and all(not chunk.final for chunk in chunks[:-1])
+        assert 0 < final.tokens <= 16 and observer.tokens == final.tokens
+        budget = engine.prompt_budget
+        assert final.prompt_tokens == len(encode_dialogue(engine.tokenizer, turns, budget))
+        assert final.text == " ".join(final.text.split()) and "<|endoftext|>" not in final.text
+    finally:
+        await engine.close()
+
+
+async def test_requests_that_arrive_together_share_a_batch(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    engine = make_engine(greedy=True)
+    await engine.start()
+    try:
+        prompts = [f"my dog {verb} coffee" for verb in ("likes", "loves", "hates", "reads")]
+        alone = [await engine.generate([prompt]) for prompt in prompts]
+        together = await asyncio.gather(*(engine.generate([prompt]) for prompt in prompts))
+        assert max(engine.batch_sizes) > 1
+        assert list(together) == alone  # greedy: each row decodes as it does alone
+    finally:
+        await engine.close()
+
+
+async def test_a_stream_closed_early_stops_its_row(
+    make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller goes away (a timeout, a cancelled task): CTranslate2's
+    callback stops that row. The worker is held at the first partial text
+    until the stream is closed, so the test does not race the model."""
+    observer = _Counter()
+    engine = make_engine(observer, max_new_tokens=200, min_new_tokens=200)
+    closed = threading.Event()
+    send = engine._send
+
+    def held(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
+        send(pending, kind, value, tokens)
+        if kind == "partial":
+            assert closed.wait(10)
+
+    monkeypatch.setattr(engine, "_send", held)
+    await engine.start()
+    try:
+        stream = engine.stream(["tell me a long story"])
+        first = await anext(stream)
+        assert not first.final
+        await stream.aclose()
+        closed.set()
+        monkeypatch.setattr(engine, "_send", send)
+        reply = [chunk async for chunk in engine.stream(["hello"])][-1]
+        assert reply.tokens == 200  # min_new_tokens: a row that is not stopped runs on
+        assert observer.tokens - reply.tokens <= 2  # the stopped row: a token or two
+        assert observer.batches == [1, 1]
+    finally:
+        closed.set()
+        await engine.close()
+
+
+def _touch_weights(model_dir: Path) -> Callable[[], None]:
+    """Move the weights' modification time a second on; returns the undo."""
+    weights = next(model_dir.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    return lambda: os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+async def test_the_conversion_is_cached_and_redone_when_the_model_changes(
+    make_engine: Callable[..., Ct2TextEngine], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    first = make_engine()
+    await first.start()
+    await first.close()
+    assert first.conversions == 1 and first.converted is not None
+    again = make_engine()
+    await again.start()
+    await again.close()
+    assert again.conversions == 0 and again.converted == first.converted
+
+    restore = _touch_weights(tiny_model_dir)  # as if retrained
+    try:
+        changed = make_engine()
+        await changed.start()
+        await changed.close()
+        assert changed.conversions == 1 and changed.converted != first.converted
+        folders = [p.name for p in (tmp_path / "data" / "ctranslate2").iterdir()]
+        assert folders == [changed.converted.name]  # the stale conversion is gone
+    finally:
+        restore()
+
+
+async def test_a_missing_ctranslate2_is_a_clear_error(
+    make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ct2.importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "ctranslate2" else real(name, *args)
+
+    monkeypatch.setattr(ct2.importlib.util, "find_spec", find_spec)
+    with pytest.raises(EngineUnavailable, match=r"pip install 'aigc-bot\[ctranslate2\]'"):
+        await make_engine().start()
+
+
+async def test_cuda_without_a_device_and_a_missing_model_are_clear_errors(
+    make_engine: Callable[..., Ct2TextEngine], tmp_path: Path
+) -> None:
+    import ctranslate2
+
+    if ctranslate2.get_cuda_device_count() == 0:
+        with pytest.raises(EngineUnavailable, match=r"text\.device = 'cuda'"):
+            await make_engine(device="cuda").start()
+    with pytest.raises(EngineUnavailable, match=r"text\.model .* does not exist"):
+        await make_engine(model=str(tmp_path / "nowhere")).start()
+
+
+async def test_a_message_through_the_bot_is_answered_and_stored(
+    make_config: Callable[..., Config],
+) -> None:
+    from bot.app import BotApp
+    from bot.messages import Incoming, Text
+
+    config = make_config(text={"engine": "ctranslate2", "threads": 1})
+    async with BotApp(config) as app:
+        assert isinstance(app.engine, Ct2TextEngine)
+        incoming = Incoming("test", "chat1", "ann", "Ann", "hello, do you like music?")
+        replies = [reply async for reply in app.manager.handle(incoming)]
+        final = [r for r in replies if isinstance(r, Text) and r.final]
+        assert len(final) == 1 and final[0].text
+        exported = await app.store.people.export("test", "ann")
+        assert [(m.role, m.text) for m in exported[0].messages] == [
+            ("user", "hello, do you like music?"),
+            ("bot", final[0].text),
+        ]
+
+
+async def test_doctor_names_the_engine_and_what_it_needs(
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bot.doctor import run_checks
+
+    config = make_config(text={"engine": "ctranslate2"})
+    await run_checks(config, None)
+    assert "[ok  ] text engine: CTranslate2, converted models in" in capsys.readouterr().out
+    monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "ctranslate2 is gone")
+    failures = await run_checks(config, None)
+    assert "[FAIL] text engine: ctranslate2 is gone" in capsys.readouterr().out
+    assert failures >= 1
