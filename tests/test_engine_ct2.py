@@ -223,3 +223,16 @@ async def test_doctor_names_the_engine_and_what_it_needs(
     failures = await run_checks(config, None)
     assert "[FAIL] text engine: ctranslate2 is gone" in capsys.readouterr().out
     assert failures >= 1
+
+
+def test_a_conversion_another_process_finished_first_is_kept(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two processes of a scaled-out bot start together: both convert, the
+    second rename finds the first's folder, and the first's copy stays."""
+    target = tmp_path / "cache" / "tiny-int8-0123456789abcdef"
+    ct2.convert(str(tiny_model_dir), target, "int8")
+    first = (target / "model.bin").stat().st_mtime_ns
+    ct2.convert(str(tiny_model_dir), target, "int8")
+    assert (target / "model.bin").stat().st_mtime_ns == first
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no scratch left

@@ -97,8 +97,9 @@ def cache_folder(cache_dir: Path, name: str, model_id: str, compute_type: str) -
 
 def convert(source: str, target: Path, compute_type: str) -> None:
     """`source` (a model folder) converted into `target`, atomically: into a
-    temporary sibling first, renamed when complete; other conversions of the
-    same model and precision are removed."""
+    temporary sibling first, renamed when complete (if another process got
+    there first, its copy is kept); other conversions of the same model and
+    precision are removed."""
     from ctranslate2.converters import TransformersConverter
     from transformers.utils import logging as hf_logging
 
@@ -109,7 +110,12 @@ def convert(source: str, target: Path, compute_type: str) -> None:
         output = scratch / "model"
         TransformersConverter(source).convert(str(output), quantization=compute_type, force=True)
         (output / _META).write_text(json.dumps({"source": source}), encoding="utf-8")
-        os.replace(output, target)
+        try:
+            os.replace(output, target)
+        except OSError:
+            # another process (of a scaled-out bot) converted the same model first
+            if not (target / "model.bin").is_file():
+                raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     family = target.name.rsplit("-", 1)[0] + "-"
