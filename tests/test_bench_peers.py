@@ -49,7 +49,8 @@ def test_every_engine_gets_the_same_messages_and_token_counts(
     engines = {run["engine"] for run in runs}
     assert {"ours (bot)", "ours (engine)", "transformers generate"} <= engines
     if peers.ctranslate2_missing() is None:
-        assert {"CTranslate2 float32", "CTranslate2 int8"} <= engines
+        assert {"CTranslate2 float32", "CTranslate2 int8", "ours (bot, ctranslate2)"} <= engines
+        assert all("ours (bot, ctranslate2)" in entry for entry in result["ratios"])
     for users in plan.users:
         for pattern in ("lockstep", "closed-loop"):
             group = [r for r in runs if r["users"] == users and r["pattern"] == pattern]
@@ -63,7 +64,8 @@ def test_every_engine_gets_the_same_messages_and_token_counts(
                 assert run["tokens"] == users * plan.turns * plan.new_tokens
             # prompts: the user's messages and the engine's own earlier replies,
             # fitted to the same budget
-            assert all(r["prompt_tokens"] > 0 for r in group if r["engine"] != "ours (bot)")
+            bot_path = ("ours (bot)", "ours (bot, ctranslate2)")  # prompts from the database
+            assert all(r["prompt_tokens"] > 0 for r in group if r["engine"] not in bot_path)
     assert {(r["users"], r["pattern"]) for r in result["ratios"]} == {
         (u, p) for u in plan.users for p in ("lockstep", "closed-loop")
     }
@@ -86,7 +88,7 @@ def test_a_missing_optional_peer_is_skipped_with_a_note(
         {"engine": "CTranslate2 float32", "note": note},
         {"engine": "CTranslate2 int8", "note": note},
     ]
-    assert not any(run["engine"].startswith("CTranslate2") for run in result["runs"])
+    assert not any("CTranslate2" in run["engine"].title() for run in result["runs"])
     assert f"skipped  CTranslate2 int8: {note}" in format_peers(result)
 
 
@@ -144,10 +146,17 @@ def test_ratios_compare_ours_with_the_best_peer() -> None:
     rows: list[dict[str, Any]] = [
         {"users": 32, "pattern": "lockstep", "engine": "ours (bot)", "tokens_per_s": 300.0},
         {"users": 32, "pattern": "lockstep", "engine": "ours (engine)", "tokens_per_s": 400.0},
+        {
+            "users": 32,
+            "pattern": "lockstep",
+            "engine": "ours (bot, ctranslate2)",
+            "tokens_per_s": 250.0,
+        },
         {"users": 32, "pattern": "lockstep", "engine": "a", "tokens_per_s": 100.0},
         {"users": 32, "pattern": "lockstep", "engine": "b", "tokens_per_s": 200.0},
     ]
     [entry] = ratios(rows)
     assert entry["best_peer"] == "b" and entry["ours (bot)"] == 1.5
     assert entry["ours (engine)"] == 2.0
-    assert compare.OURS == ("ours (bot)", "ours (engine)")
+    assert entry["ours (bot, ctranslate2)"] == 1.25  # ours, not the best peer
+    assert compare.OURS == ("ours (bot)", "ours (engine)", "ours (bot, ctranslate2)")

@@ -16,11 +16,13 @@ memory at the largest user count, in a fresh process (`memory`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bot.bench import peers as peers_module
 from bot.bench.peer_run import (
     CLOSED_LOOP,
     LOCKSTEP,
@@ -44,7 +46,9 @@ from bot.bench.setup import (
 from bot.config import Config
 
 PATTERNS = (LOCKSTEP, CLOSED_LOOP)
-OURS = ("ours (bot)", "ours (engine)")
+#: the bot path with `text.engine = "ctranslate2"` (run when CTranslate2 is installed)
+OURS_CT2 = "ours (bot, ctranslate2)"
+OURS = ("ours (bot)", "ours (engine)", OURS_CT2)
 
 
 def workload(base: Config, plan: Plan, new_tokens: int) -> dict[str, Any]:
@@ -106,12 +110,27 @@ async def run_peers(
             new_tokens=new_tokens,
             threads=torch.get_num_threads(),
         )
-        engines = len(OURS) + len(peers)
+        with_ct2 = peers_module.ctranslate2_missing() is None
+        engines = len(OURS) - (0 if with_ct2 else 1) + len(peers)
         bar = Progress(progress, engines * len(PATTERNS) * sum(plan.users) * plan.turns)
         try:
-            async with BotApp(config) as app:
+            async with contextlib.AsyncExitStack() as stack:
+                app = await stack.enter_async_context(BotApp(config))
+                ct2_app = None
+                if with_ct2:  # the same bot with the other engine, its own database
+                    (workdir / "ct2").mkdir()
+                    ct2_config = bench_config(
+                        base,
+                        model,
+                        workdir / "ct2" / "peers.db",
+                        engine="ctranslate2",
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        threads=torch.get_num_threads(),  # as many as the peers get
+                    )
+                    ct2_app = await stack.enter_async_context(BotApp(ct2_config))
                 tuned: dict[str, int] = {}
-                rows = await _all_runs(app, peers, tokenizer, scripts, plan, bar, tuned)
+                rows = await _all_runs(app, ct2_app, peers, tokenizer, scripts, plan, bar, tuned)
                 engine: Any = app.engine
                 described = {
                     "model": {**describe_model(model, hf_model, tokenizer), "chosen": chosen},
@@ -175,6 +194,7 @@ def _sample_prompts(tokenizer: Any, scripts: list[list[str]], budget: int) -> li
 
 async def _all_runs(
     app: Any,
+    ct2_app: Any,
     peers: list[Peer],
     tokenizer: Any,
     scripts: list[list[str]],
@@ -186,6 +206,8 @@ async def _all_runs(
     text = app.config.text
     # warm-up, not timed: first calls pay for lazy initialisation
     await engine.generate(["hello there"])
+    if ct2_app is not None:
+        await ct2_app.engine.generate(["hello there"])
     for peer in peers:
         await asyncio.to_thread(peer.generate, [tokenizer("hello there")["input_ids"]])
     sample = _sample_prompts(tokenizer, scripts[: max(plan.users)], engine.prompt_budget)
@@ -205,6 +227,20 @@ async def _all_runs(
                     manager, engine, pattern, chosen, f"bot-{tag}", ramp_s=ramp, tick=bar.tick
                 )
             ]
+            if ct2_app is not None:
+                bar.phase(f"{pattern}, {users} users: ours with ctranslate2")
+                runs.append(
+                    await run_bot(
+                        ct2_app.manager,
+                        ct2_app.engine,
+                        pattern,
+                        chosen,
+                        f"ct2-{tag}",
+                        ramp_s=ramp,
+                        tick=bar.tick,
+                        name=OURS_CT2,
+                    )
+                )
             ask = engine_ask(engine, f"engine-{tag}")
             runs.append(
                 await run_pattern("ours (engine)", pattern, ask, chosen, ramp_s=ramp, tick=bar.tick)

@@ -12,14 +12,14 @@ MB = 2**20
 
 def _runs_table(runs: list[dict[str, Any]]) -> list[str]:
     lines = [
-        f"{'users':>5}  {'pattern':<11}  {'engine':<22} {'tokens/s':>9}  "
+        f"{'users':>5}  {'pattern':<11}  {'engine':<23} {'tokens/s':>9}  "
         f"{'latency p50 / p95, s':>20}  {'turn N/1':>8}  {'prompt tok/reply':>16}",
     ]
     for run in runs:
         prompt = run["prompt_tokens"] / run["replies"] if run["replies"] else 0
         shown = f"{prompt:>16.0f}" if run["prompt_tokens"] else f"{'(database)':>16}"
         lines.append(
-            f"{run['users']:>5}  {run['pattern']:<11}  {run['engine']:<22} "
+            f"{run['users']:>5}  {run['pattern']:<11}  {run['engine']:<23} "
             f"{run['tokens_per_s']:>9.1f}  "
             f"{run['latency_p50_s']:>9.3f} / {run['latency_p95_s']:>6.3f}"
             f"  {run['turn_ratio']:>8.2f}  {shown}"
@@ -67,7 +67,7 @@ def format_peers(result: dict[str, Any]) -> str:
     for entry in result["ratios"]:
         ours = ", ".join(
             f"{name} {entry[name]:.2f}x"
-            for name in ("ours (bot)", "ours (engine)")
+            for name in ("ours (bot)", "ours (engine)", "ours (bot, ctranslate2)")
             if name in entry
         )
         lines.append(

@@ -193,15 +193,13 @@ async def run_bot(
     *,
     ramp_s: float,
     tick: Callable[[], None],
+    name: str = "ours (bot)",
 ) -> PatternRun:
     """`bot_ask` in a pattern, with each reply's tokens taken from the engine's
     counter (rows of one reply are the only ones that grow it per reply)."""
-    decoder = engine.decoder
-    before = decoder.generated_tokens
-    run = await run_pattern(
-        "ours (bot)", pattern, bot_ask(manager, tag), scripts, ramp_s=ramp_s, tick=tick
-    )
-    total = decoder.generated_tokens - before
+    before = engine.generated_tokens
+    run = await run_pattern(name, pattern, bot_ask(manager, tag), scripts, ramp_s=ramp_s, tick=tick)
+    total = engine.generated_tokens - before
     replies = sum(len(turns) for turns in run.reply_tokens) - len(run.errors)
     each = total // replies if replies else 0
     run.reply_tokens = [[each] * len(turns) for turns in run.reply_tokens]

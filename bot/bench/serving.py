@@ -291,7 +291,7 @@ async def _int8(
 
 def _generated(engine: Any) -> int:
     """Tokens the engine has generated so far."""
-    return int(engine.decoder.generated_tokens)
+    return int(engine.generated_tokens)
 
 
 def _settings(config: Config, plan: Plan, new_tokens: int, budget: int) -> dict[str, Any]:

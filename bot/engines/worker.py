@@ -66,6 +66,8 @@ class WorkerEngine:
         self._load_error: BaseException | None = None
         self.tokenizer: Any = None
         self.failures = 0  # batches that failed inside generation
+        #: tokens generated so far, counted before the replies that hold them are sent
+        self.generated_tokens = 0
         #: token ids of recent turns, least recently used first (worker thread only)
         self._turn_ids: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
 
@@ -235,6 +237,7 @@ class WorkerEngine:
         return ids
 
     def _count_tokens(self, count: int) -> None:
+        self.generated_tokens += count
         if self.observer is not None:
             self.observer.count_tokens(count)
 
