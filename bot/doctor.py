@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bot.config import Config, config_path
+from bot.engine_settings import resolved_engine
 from bot.engines.loading import looks_local, model_missing_message
 
 
@@ -59,7 +60,11 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
         print(_line(False, "database", f"{_safe_url(config.storage.url)}: {exc}"))
 
     model = config.text.model
-    if config.text.engine == "ctranslate2":
+    engine = resolved_engine(config.text)
+    if engine == "local":
+        chosen = " (text.engine = 'auto' on this machine)" if config.text.engine == "auto" else ""
+        print(_line(True, "text engine", f"local{chosen}"))
+    if engine == "ctranslate2":
         from bot.engines.ct2 import ctranslate2_missing
 
         missing = ctranslate2_missing()
@@ -68,8 +73,11 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
             print(_line(False, "text engine", missing))
         else:
             cache = config.bot.data_dir / "ctranslate2"
-            print(_line(True, "text engine", f"CTranslate2, converted models in {cache}"))
-    if config.text.engine == "remote":
+            chosen = (
+                "; text.engine = 'auto' on this machine" if config.text.engine == "auto" else ""
+            )
+            print(_line(True, "text engine", f"CTranslate2, converted models in {cache}{chosen}"))
+    if engine == "remote":
         print(_line(None, "text model", f"remote engine at {config.text.remote_url}"))
     elif looks_local(model):
         arch = _model_architecture(model)

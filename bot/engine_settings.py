@@ -77,6 +77,28 @@ def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:
     )
 
 
+def resolved_engine(section: TextSection) -> str:
+    """`text.engine`, with "auto" decided for this machine: "ctranslate2" on a CPU
+    without AMX when CTranslate2 is installed, where it answered one user 2.4x
+    and 32 users 1.2x as fast as the local engine through the whole bot, at the
+    same perplexity (docs/PERFORMANCE.md); "local" on CUDA (fp16, continuous
+    batching, prefix reuse), on a CPU with AMX (where the local engine was ahead
+    of CTranslate2) and without CTranslate2."""
+    if section.engine != "auto":
+        return section.engine
+    from bot.engines.ct2 import ctranslate2_missing
+
+    if ctranslate2_missing() is not None:
+        return "local"
+    import torch
+
+    from bot.engines.linears import amx_available
+
+    if section.device == "cuda" or (section.device == "auto" and torch.cuda.is_available()):
+        return "local"
+    return "local" if amx_available() else "ctranslate2"
+
+
 def build_text_engine(
     section: TextSection,
     observer: EngineObserver | None = None,
@@ -85,11 +107,12 @@ def build_text_engine(
 ) -> TextEngine:
     """The engine `[text] engine` names, not started yet (`data_dir`: `[bot]
     data_dir`, where the CTranslate2 engine keeps its converted models)."""
-    if section.engine == "remote":
+    engine = resolved_engine(section)
+    if engine == "remote":
         from bot.engines.remote import RemoteTextEngine
 
         return RemoteTextEngine(remote_engine_settings(section), observer)
-    if section.engine == "ctranslate2":
+    if engine == "ctranslate2":
         from bot.engines.ct2 import Ct2TextEngine
 
         return Ct2TextEngine(ct2_engine_settings(section, data_dir), observer)

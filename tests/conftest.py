@@ -140,6 +140,8 @@ def make_config(tmp_path: Path, tiny_model_dir: Path) -> Callable[..., Config]:
             "bot": {"data_dir": str(tmp_path / "data")},
             "storage": {"url": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"},
             "text": {
+                # the local engine's tests; tests/test_engine_ct2.py has the other's
+                "engine": "local",
                 "model": str(tiny_model_dir),
                 "max_new_tokens": 16,
                 "batch_wait_ms": 5,

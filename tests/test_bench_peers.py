@@ -70,6 +70,13 @@ def test_every_engine_gets_the_same_messages_and_token_counts(
         (u, p) for u in plan.users for p in ("lockstep", "closed-loop")
     }
     assert all(isinstance(t["met"], bool) for t in result["targets"])
+    # the targets are read on the bot with the engine text.engine = "auto" gives here
+    from bot.engine_settings import resolved_engine
+
+    auto = resolved_engine(_config(tmp_path).text)
+    default = "ours (bot, ctranslate2)" if auto == "ctranslate2" else "ours (bot)"
+    assert result["default_engine"] == default
+    assert all(t["name"].startswith(default) for t in result["targets"][:2])
     text = format_peers(result)
     assert "transformers generate" in text and "targets" in text
     plot = write_peers_plot(result, tmp_path / "peers.png")
@@ -89,6 +96,7 @@ def test_a_missing_optional_peer_is_skipped_with_a_note(
         {"engine": "CTranslate2 int8", "note": note},
     ]
     assert not any("CTranslate2" in run["engine"].title() for run in result["runs"])
+    assert result["default_engine"] == "ours (bot)"
     assert f"skipped  CTranslate2 int8: {note}" in format_peers(result)
 
 

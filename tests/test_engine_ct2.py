@@ -236,3 +236,31 @@ def test_a_conversion_another_process_finished_first_is_kept(
     ct2.convert(str(tiny_model_dir), target, "int8")
     assert (target / "model.bin").stat().st_mtime_ns == first
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no scratch left
+
+
+def test_auto_picks_ctranslate2_only_on_a_cpu_without_amx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `text.engine = "auto"` (the default) serves with, by machine."""
+    import torch
+
+    from bot.engine_settings import resolved_engine
+    from bot.engines import linears
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(linears, "amx_available", lambda: False)
+    auto = TextSection(engine="auto")
+    assert resolved_engine(auto) == "ctranslate2"
+    assert resolved_engine(TextSection(engine="auto", device="cuda")) == "local"
+    for engine in ("local", "ctranslate2", "remote"):
+        assert resolved_engine(TextSection(engine=engine)) == engine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolved_engine(auto) == "local"  # fp16, continuous batching, prefix reuse
+    assert resolved_engine(TextSection(engine="auto", device="cpu")) == "ctranslate2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(linears, "amx_available", lambda: True)
+    assert resolved_engine(auto) == "local"  # ahead of CTranslate2 with AMX
+    monkeypatch.setattr(linears, "amx_available", lambda: False)
+    monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "not installed")
+    assert resolved_engine(auto) == "local"
+    assert TextSection().engine == "auto"

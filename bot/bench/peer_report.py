@@ -76,8 +76,12 @@ def format_peers(result: dict[str, Any]) -> str:
         )
     turn = result["turn_latency"]
     lines.append(
-        f"turn {turn['turns']} / turn 1 latency (ours, 1 user alone, median of "
-        f"{turn['repeats']}): {turn['ours']:.2f}"
+        f"turn {turn['turns']} / turn 1 latency ({result.get('default_engine', 'ours (bot)')}, "
+        f"1 user alone, median of {turn['repeats']}): {turn['ours']:.2f}"
+    )
+    lines.append(
+        f"the targets are read on {result.get('default_engine', 'ours (bot)')}: the bot with "
+        "the engine text.engine gives this machine"
     )
     if "memory" in result:
         lines.append(_memory_line(result["memory"]))

@@ -10,9 +10,11 @@ from bot.config.section import Section
 
 
 class TextSection(Section):
-    #: "local" (our engine), "ctranslate2" (the same model through CTranslate2:
-    #: the optional extra), "remote" (an OpenAI-compatible server)
-    engine: Literal["local", "ctranslate2", "remote"] = "local"
+    #: "auto" ("ctranslate2" on a CPU without AMX when CTranslate2 is installed,
+    #: else "local": `bot.engine_settings.resolved_engine`), "local" (our engine),
+    #: "ctranslate2" (the same model through CTranslate2), "remote" (an
+    #: OpenAI-compatible server)
+    engine: Literal["auto", "local", "ctranslate2", "remote"] = "auto"
     model: str = "models/chitchat-gpt2"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: the linear layers on the CPU: "auto" = bf16 where the CPU multiplies it in
