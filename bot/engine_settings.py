@@ -4,7 +4,6 @@ engines themselves stay pure (`bot.engines.settings`)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,9 +20,6 @@ from bot.engines.settings import (
 if TYPE_CHECKING:
     from bot.draw.options import DrawSettings
     from bot.engines.image import DrawRequest, ImageEngineSettings
-
-
-log = logging.getLogger(__name__)
 
 
 def sampling_settings(section: TextSection) -> SamplingSettings:
@@ -112,8 +108,6 @@ def build_text_engine(
     """The engine `[text] engine` names, not started yet (`data_dir`: `[bot]
     data_dir`, where the CTranslate2 engine keeps its converted models)."""
     engine = resolved_engine(section)
-    if section.engine == "auto":
-        log.info("text.engine = 'auto' serves with the %s engine on this machine", engine)
     if engine == "remote":
         from bot.engines.remote import RemoteTextEngine
 
