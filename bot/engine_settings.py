@@ -86,17 +86,23 @@ def resolved_engine(section: TextSection) -> str:
     of CTranslate2) and without CTranslate2."""
     if section.engine != "auto":
         return section.engine
-    from bot.engines.ct2 import ctranslate2_missing
+    from bot.engines import ct2
 
-    if ctranslate2_missing() is not None:
+    if ct2.ctranslate2_missing() is not None:
         return "local"
+    import ctranslate2
     import torch
 
     from bot.engines.linears import amx_available
 
-    if section.device == "cuda" or (section.device == "auto" and torch.cuda.is_available()):
+    cuda = torch.cuda.is_available() or ctranslate2.get_cuda_device_count() > 0
+    if section.device == "cuda" or (section.device == "auto" and cuda):
         return "local"
-    return "local" if amx_available() else "ctranslate2"
+    if amx_available():
+        return "local"
+    # a precision CTranslate2 cannot run here (bf16 without AVX512-BF16 kernels)
+    compute_type = ct2.COMPUTE_TYPES["cpu"][section.quantize]
+    return "local" if ct2.compute_type_missing("cpu", compute_type) else "ctranslate2"
 
 
 def build_text_engine(

@@ -261,6 +261,127 @@ def test_auto_picks_ctranslate2_only_on_a_cpu_without_amx(
     monkeypatch.setattr(linears, "amx_available", lambda: True)
     assert resolved_engine(auto) == "local"  # ahead of CTranslate2 with AMX
     monkeypatch.setattr(linears, "amx_available", lambda: False)
+    monkeypatch.setattr(ct2, "compute_type_missing", lambda device, kind: "no bf16 kernels")
+    assert resolved_engine(TextSection(engine="auto", quantize="bf16")) == "local"
     monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "not installed")
     assert resolved_engine(auto) == "local"
     assert TextSection().engine == "auto"
+
+
+async def test_a_reply_is_sent_when_its_row_ends_not_when_the_batch_does(
+    make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sub-batches run one after another: the first one's replies go out
+    before the next one has produced anything."""
+    engine = make_engine(greedy=True, max_new_tokens=6, min_new_tokens=6)
+    order: list[str] = []
+    send = engine._send
+
+    def recording(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
+        order.append(kind)
+        send(pending, kind, value, tokens)
+
+    monkeypatch.setattr(engine, "_send", recording)
+    await engine.start()
+    try:
+        prompts = [f"my dog {verb} coffee" for verb in "likes loves hates reads sees wants".split()]
+        prompts += ["hello", "what"]
+        replies = await asyncio.gather(*(engine.generate([prompt]) for prompt in prompts))
+        assert list(engine.batch_sizes) == [8] and all(replies)
+        first_done = order.index("done")
+        assert "partial" in order[first_done:]  # a later sub-batch streamed after it
+    finally:
+        await engine.close()
+
+
+async def test_short_and_empty_prompts_do_not_leak_into_other_replies(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    """With a one-token prompt in the batch, CTranslate2 would return the
+    other rows' prompts as part of their replies; an empty one failed the
+    whole batch."""
+    engine = make_engine(greedy=True)
+    await engine.start()
+    try:
+        prompt = "my dog likes coffee every day, we walk to the park sometimes"
+        chunks = await asyncio.gather(
+            _final(engine, [prompt]), _final(engine, [""]), _final(engine, [])
+        )
+        assert list(engine.batch_sizes) == [3]
+        reply = chunks[0]
+        assert reply.tokens <= 16  # not the prompt's 13 tokens and then some
+        assert "coffee" not in reply.text and "sometimes" not in reply.text
+        assert all(chunk.prompt_tokens >= 2 for chunk in chunks)
+    finally:
+        await engine.close()
+
+
+async def _final(engine: Ct2TextEngine, turns: list[str]) -> Any:
+    return [chunk async for chunk in engine.stream(turns)][-1]
+
+
+async def test_a_reply_longer_than_the_model_allows_is_cut_short(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    engine = make_engine(max_new_tokens=600, min_new_tokens=600)  # the tiny model: 512 positions
+    await engine.start()
+    try:
+        chunks = [chunk async for chunk in engine.stream(["hello there"])]
+        final = chunks[-1]
+        assert final.final and 0 < final.tokens <= 512 - final.prompt_tokens
+    finally:
+        await engine.close()
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    engine = make_engine()
+    await engine.start()
+
+    class Failing:
+        def __init__(self, generator: Any) -> None:
+            self.generator = generator
+            self.calls = 0
+
+        def generate_batch(self, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("out of memory")
+            return self.generator.generate_batch(*args, **kwargs)
+
+    engine.generator = Failing(engine.generator)
+    try:
+        with pytest.raises(EngineUnavailable, match="generation failed"):
+            await engine.generate(["hello"])
+        assert await engine.generate(["hello"]) is not None and engine.failures == 1
+    finally:
+        await engine.close()
+    assert engine.generator is None  # the model is let go once the worker stops
+
+
+async def test_conversions_of_other_models_and_fresh_scratch_are_left_alone(
+    make_engine: Callable[..., Ct2TextEngine], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Two models both called "chat" keep their conversions; only scratch a
+    dead process left (old) is removed."""
+    import shutil
+    import time
+
+    models = [tmp_path / side / "chat" for side in ("a", "b")]
+    for model in models:
+        shutil.copytree(tiny_model_dir, model)
+    cache = tmp_path / "data" / "ctranslate2"
+    cache.mkdir(parents=True)
+    old, fresh = cache / ".converting-old", cache / ".converting-fresh"
+    old.mkdir()
+    fresh.mkdir()
+    past = time.time() - 2 * ct2.STALE_SCRATCH_S
+    os.utime(old, (past, past))
+    engines = [make_engine(model=str(model)) for model in models]
+    for engine in engines:
+        await engine.start()
+        await engine.close()
+    assert all(engine.conversions == 1 for engine in engines)
+    assert all(engine.converted is not None and engine.converted.is_dir() for engine in engines)
+    assert not old.exists() and fresh.exists()

@@ -23,6 +23,7 @@ a model behind.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.util
 import json
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +66,32 @@ _META = "aigc-bot.json"
 SUB_BATCH = 4
 
 
+#: a `.converting-*` folder older than this was left by a process that died
+STALE_SCRATCH_S = 3600
+
+
 def ctranslate2_missing() -> str | None:
     """Why this engine cannot run here, or None when it can."""
     if importlib.util.find_spec("ctranslate2") is None:
         return f"text.engine = 'ctranslate2' needs CTranslate2: {INSTALL_HINT}"
+    try:
+        import ctranslate2  # noqa: F401
+    except Exception as exc:  # found but broken (a wheel for another CPU, a missing library)
+        return f"text.engine = 'ctranslate2': CTranslate2 does not load ({exc}): {INSTALL_HINT}"
     return None
+
+
+def compute_type_missing(device: str, compute_type: str) -> str | None:
+    """Why CTranslate2 cannot compute in `compute_type` on `device` here, or None."""
+    import ctranslate2
+
+    supported = sorted(ctranslate2.get_supported_compute_types(device))
+    if compute_type in supported:
+        return None
+    return (
+        f"CTranslate2 cannot compute in {compute_type} on this {device} (it can: "
+        f"{', '.join(supported)}): set text.quantize to another value"
+    )
 
 
 def fingerprint(folder: Path) -> str:
@@ -83,23 +106,32 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _family(name: str, compute_type: str) -> str:
+    """The folder-name prefix of every conversion of model `name` (its path or
+    hub id, hashed whole: two models both called "chat" stay apart) in
+    `compute_type`."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or name).strip("-") or "model"
+    where = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{slug}-{where}-{compute_type}-"
+
+
 def cache_folder(cache_dir: Path, name: str, model_id: str, compute_type: str) -> Path:
     """Where the conversion of model `name` (whose content `model_id` names) in
     `compute_type` lives."""
     import ctranslate2
 
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name).name or name).strip("-") or "model"
     key = hashlib.sha256(
         json.dumps([model_id, compute_type, ctranslate2.__version__]).encode()
     ).hexdigest()[:16]
-    return cache_dir / f"{slug}-{compute_type}-{key}"
+    return cache_dir / f"{_family(name, compute_type)}{key}"
 
 
-def convert(source: str, target: Path, compute_type: str) -> None:
+def convert(source: str, target: Path, compute_type: str, *, name: str | None = None) -> None:
     """`source` (a model folder) converted into `target`, atomically: into a
     temporary sibling first, renamed when complete (if another process got
-    there first, its copy is kept); other conversions of the same model and
-    precision are removed."""
+    there first, its copy is kept). Then the other conversions of model `name`
+    in the same precision are removed, and scratch folders that a process
+    which died mid-conversion left behind."""
     from ctranslate2.converters import TransformersConverter
     from transformers.utils import logging as hf_logging
 
@@ -110,6 +142,8 @@ def convert(source: str, target: Path, compute_type: str) -> None:
         output = scratch / "model"
         TransformersConverter(source).convert(str(output), quantization=compute_type, force=True)
         (output / _META).write_text(json.dumps({"source": source}), encoding="utf-8")
+        if target.is_dir() and not (target / "model.bin").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete copy: replace it
         try:
             os.replace(output, target)
         except OSError:
@@ -118,9 +152,19 @@ def convert(source: str, target: Path, compute_type: str) -> None:
                 raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    family = target.name.rsplit("-", 1)[0] + "-"
-    for other in target.parent.glob(f"{family}*"):
-        if other != target and other.is_dir():
+    _prune(target, name or source, compute_type)
+
+
+def _prune(target: Path, name: str, compute_type: str) -> None:
+    family = re.compile(re.escape(_family(name, compute_type)) + r"[0-9a-f]{16}")
+    now = time.time()
+    for other in target.parent.iterdir():
+        if other == target or not other.is_dir():
+            continue
+        stale_scratch = (
+            other.name.startswith(".converting-") and now - other.stat().st_mtime > STALE_SCRATCH_S
+        )
+        if family.fullmatch(other.name) or stale_scratch:
             shutil.rmtree(other, ignore_errors=True)
 
 
@@ -132,6 +176,8 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     last_text: str = ""
     last_emit: float = 0.0
+    #: its reply (or error) is sent
+    done: bool = False
 
 
 class Ct2TextEngine(WorkerEngine):
@@ -149,9 +195,17 @@ class Ct2TextEngine(WorkerEngine):
         self.compute_type = ""
         self.prompt_budget = settings.max_history_tokens
         self.eos_id = 0
+        self.positions = 1024
         self.converted: Path | None = None
         self.conversions = 0  # models converted by this engine (not found in the cache)
-        self.batch_sizes: list[int] = []
+        #: rows of each recent batch
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        #: set by `close`: the batch running stops at its next token
+        self._stopping = threading.Event()
+
+    async def close(self) -> None:
+        self._stopping.set()
+        await super().close()
 
     # -- loading (worker thread) -------------------------------------------------
 
@@ -174,6 +228,9 @@ class Ct2TextEngine(WorkerEngine):
             )
         self.device = device
         self.compute_type = COMPUTE_TYPES[device][s.quantize]
+        unsupported = compute_type_missing(device, self.compute_type)
+        if unsupported is not None:
+            raise EngineUnavailable(f"text.quantize = {s.quantize!r}: {unsupported}")
         missing_model = model_missing_message(source.key, source.name)
         invalid = f"{source.key} {source.name!r} is not a loadable model"
         config = load_local_or_hub(
@@ -190,22 +247,25 @@ class Ct2TextEngine(WorkerEngine):
             or getattr(config, "max_position_embeddings", None)
             or 1024
         )
+        self.positions = positions
         max_new = s.sampling.max_new_tokens
         self.prompt_budget = max(8, min(s.max_history_tokens, positions - max_new))
         self.converted = self._converted(source.name, config)
         try:
-            self.generator = ctranslate2.Generator(
-                str(self.converted),
-                device=device,
-                compute_type=self.compute_type,
-                intra_threads=s.threads,
-                inter_threads=1,
-            )
+            self.generator = self._open(self.converted)
         except (RuntimeError, ValueError) as exc:
-            raise EngineUnavailable(
-                f"text.quantize = {s.quantize!r} ({self.compute_type}) does not run on this "
-                f"{device} with CTranslate2: {exc}"
-            ) from exc
+            if self.conversions:  # converted just now: converting again will not help
+                raise EngineUnavailable(
+                    f"CTranslate2 could not load {self.converted} ({self.compute_type} on "
+                    f"{device}): {exc}"
+                ) from exc
+            # a cached copy that does not load (cut short, another version): once more
+            log.warning(
+                "the cached conversion %s does not load (%s): converting again", self.converted, exc
+            )
+            shutil.rmtree(self.converted, ignore_errors=True)
+            self.converted = self._converted(source.name, config)
+            self.generator = self._open(self.converted)
         log.info(
             "text model %s served by CTranslate2 %s on %s (%s)",
             Path(source.name).name or source.name,
@@ -213,6 +273,20 @@ class Ct2TextEngine(WorkerEngine):
             device,
             self.compute_type,
         )
+
+    def _open(self, folder: Path) -> Any:
+        import ctranslate2
+
+        return ctranslate2.Generator(
+            str(folder),
+            device=self.device,
+            compute_type=self.compute_type,
+            intra_threads=self.settings.threads,
+            inter_threads=1,
+        )
+
+    def _unload(self) -> None:
+        self.generator = None  # the model's memory and CTranslate2's threads
 
     def _converted(self, name: str, config: Any) -> Path:
         """The converted model's folder, converting first if the cache has none."""
@@ -229,7 +303,7 @@ class Ct2TextEngine(WorkerEngine):
         started = time.perf_counter()
         try:
             if local:
-                convert(str(Path(name).expanduser()), target, self.compute_type)
+                convert(str(Path(name).expanduser()), target, self.compute_type, name=name)
             else:  # from the hub cache (downloaded by the loader if needed), via a local copy
                 model, tokenizer = load_pretrained_lm(
                     name,
@@ -240,7 +314,7 @@ class Ct2TextEngine(WorkerEngine):
                     model.save_pretrained(copy)
                     tokenizer.save_pretrained(copy)
                     del model
-                    convert(copy, target, self.compute_type)
+                    convert(copy, target, self.compute_type, name=name)
         except EngineUnavailable:
             raise
         except Exception as exc:
@@ -261,12 +335,14 @@ class Ct2TextEngine(WorkerEngine):
     def _batch_limit(self) -> int:
         return self.settings.max_batch_size
 
-    def _options(self) -> dict[str, Any]:
+    def _options(self, longest_prompt: int) -> dict[str, Any]:
         sampling = self.settings.sampling
+        # no position past the model's: a reply is cut short instead of failing
+        room = max(1, self.positions - longest_prompt)
         return {
             "max_batch_size": SUB_BATCH,
-            "max_length": sampling.max_new_tokens,
-            "min_length": sampling.min_new_tokens,
+            "max_length": min(sampling.max_new_tokens, room),
+            "min_length": min(sampling.min_new_tokens, room),
             "repetition_penalty": sampling.repetition_penalty,
             "end_token": [self.eos_id],
             "include_prompt_in_result": False,
@@ -275,53 +351,64 @@ class Ct2TextEngine(WorkerEngine):
             "sampling_temperature": 1.0 if sampling.greedy else sampling.temperature,
         }
 
+    def _prompt(self, pending: Pending) -> list[str]:
+        """The request's prompt as CTranslate2's tokens. All history that fits: the
+        anchors that keep the local engine's prompts stable for its prefix cache
+        would only drop context here. At least two tokens: with a one-token
+        prompt in a batch, CTranslate2 feeds no prompt ahead of decoding and
+        returns the other rows' prompts as part of their replies."""
+        ids = fit_dialogue(pending.turns, self.prompt_budget, self._encode_turn, anchor_every=1)
+        if len(ids) < 2:
+            ids = [self.eos_id] * (2 - len(ids)) + ids
+        pending.prompt_tokens = len(ids)
+        tokens: list[str] = self.tokenizer.convert_ids_to_tokens(ids)
+        return tokens
+
     def _run(self, batch: list[Pending]) -> None:
         live = [pending for pending in batch if not pending.cancelled.is_set()]
         self._observe_queue()
         if not live:
             return
-        prompts = []
-        for pending in live:
-            ids = fit_dialogue(pending.turns, self.prompt_budget, self._encode_turn)
-            pending.prompt_tokens = len(ids)
-            prompts.append(self.tokenizer.convert_ids_to_tokens(ids))
         rows = [_Row(pending) for pending in live]
+        prompts = [self._prompt(pending) for pending in live]
         self.batch_sizes.append(len(rows))
         if self.observer is not None:
             self.observer.observe_batch(len(rows))
-        try:
-            results = self.generator.generate_batch(
-                prompts, callback=lambda step: self._on_step(rows, step), **self._options()
-            )
-        except Exception as exc:
-            self.failures += 1
-            log.exception("text generation failed for a batch of %d", len(rows))
-            error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
-            for row in rows:
-                self._send(row.pending, "error", error)
-            return
-        replies = [
-            [token for token in result.sequences_ids[0] if token != self.eos_id]
-            for result in results
-        ]
-        total = sum(len(ids) for ids in replies)
-        if total:  # counted before any reply is handed over (token quotas read it)
-            self._count_tokens(total)
-        for row, ids in zip(rows, replies, strict=True):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            self._send(row.pending, "done", text, len(ids))
+        options = self._options(max(len(prompt) for prompt in prompts))
+        results = self.generator.generate_batch(
+            prompts, callback=lambda step: self._on_step(rows, step), **options
+        )
+        for row, result in zip(rows, results, strict=True):
+            if not row.done:  # stopped (cancelled), or the callback failed for it
+                row.ids = [token for token in result.sequences_ids[0] if token != self.eos_id]
+                self._finish(row)
+
+    def _finish(self, row: _Row) -> None:
+        """Count the row's tokens (before anyone hears of them: quotas read the
+        count) and send its reply."""
+        row.done = True
+        if row.ids:
+            self._count_tokens(len(row.ids))
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        self._send(row.pending, "done", text, len(row.ids))
 
     def _on_step(self, rows: list[_Row], step: Any) -> bool:
-        """CTranslate2's callback for each new token of one row; True stops that
-        row (its caller went away). Streams the growing text at most every
-        `stream_interval_s`."""
+        """CTranslate2's callback for each new token of one row (on one of its
+        threads, while the worker waits in `generate_batch`); True stops that
+        row. Streams the growing text at most every `stream_interval_s`, and
+        sends the reply as soon as the row ends: sub-batches run one after
+        another, so the first would otherwise wait for the last."""
+        row = rows[step.batch_id]
+        if row.done:
+            return True
         try:
-            row = rows[step.batch_id]
-            if row.pending.cancelled.is_set():
+            if row.pending.cancelled.is_set() or self._stopping.is_set():
                 return True
-            if step.token_id == self.eos_id:
+            if step.token_id != self.eos_id:
+                row.ids.append(step.token_id)
+            if step.is_last:
+                self._finish(row)
                 return False
-            row.ids.append(step.token_id)
             now = time.monotonic()
             if now - row.last_emit < self.settings.sampling.stream_interval_s:
                 return False
@@ -330,8 +417,11 @@ class Ct2TextEngine(WorkerEngine):
             if text != row.last_text and not text.endswith("\ufffd"):
                 row.last_text = text
                 self._send(row.pending, "partial", text)
-        except Exception:  # an exception must not cross into CTranslate2's C++ loop
-            log.exception("streaming a reply failed")
+        except Exception as exc:  # must not cross into CTranslate2's C++ loop
+            log.exception("streaming a reply failed; the reply is given up")
+            row.done = True
+            self._send(row.pending, "error", EngineUnavailable(f"generation failed: {exc}"))
+            return True
         return False
 
 

@@ -78,12 +78,16 @@ class WorkerEngine:
         raise NotImplementedError
 
     def _run(self, batch: list[Pending]) -> None:
-        """Answer `batch` (and, if the engine can, requests that arrive meanwhile)."""
+        """Answer `batch` (and, if the engine can, requests that arrive meanwhile).
+        An exception fails the requests of `batch` that have no reply yet."""
         raise NotImplementedError
 
     def _batch_limit(self) -> int:
         """The most requests `_collect` hands to `_run` at once."""
         raise NotImplementedError
+
+    def _unload(self) -> None:
+        """Let go of the model once the worker stops (nothing by default)."""
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -172,7 +176,8 @@ class WorkerEngine:
             if not isinstance(exc, EngineUnavailable):
                 log.exception("loading the text model failed")
         finally:
-            loop.call_soon_threadsafe(loaded.set_result, None)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: start() is gone
+                loop.call_soon_threadsafe(loaded.set_result, None)
         if self._load_error is not None:
             return
         try:
@@ -180,10 +185,18 @@ class WorkerEngine:
                 batch = self._collect()
                 if batch is None:
                     return
-                self._run(batch)
+                try:
+                    self._run(batch)
+                except Exception as exc:  # the batch fails; the engine goes on
+                    self.failures += 1
+                    log.exception("text generation failed for a batch of %d", len(batch))
+                    for pending in batch:
+                        error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
+                        self._send(pending, "error", error)
         finally:
             self._ready.clear()
             self._fail_queued(EngineUnavailable("the text engine stopped"))
+            self._unload()
 
     def _collect(self) -> list[Pending] | None:
         """The first request waiting (blocking) and whatever joins it within
