@@ -385,3 +385,69 @@ async def test_conversions_of_other_models_and_fresh_scratch_are_left_alone(
     assert all(engine.conversions == 1 for engine in engines)
     assert all(engine.converted is not None and engine.converted.is_dir() for engine in engines)
     assert not old.exists() and fresh.exists()
+
+
+async def test_close_stops_a_running_batch(
+    make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutting down does not wait for a long batch: it stops at the next token,
+    and its caller still gets the reply so far."""
+    observer = _Counter()
+    engine = make_engine(observer, max_new_tokens=300, min_new_tokens=300)
+    held, closing = threading.Event(), threading.Event()
+    send = engine._send
+
+    def holding(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
+        send(pending, kind, value, tokens)
+        if kind == "partial" and not held.is_set():
+            held.set()
+            assert closing.wait(10)
+
+    monkeypatch.setattr(engine, "_send", holding)
+    await engine.start()
+    reply = asyncio.ensure_future(_final(engine, ["tell me a long story"]))
+    await asyncio.to_thread(held.wait, 10)
+    closed = asyncio.ensure_future(engine.close())
+    await asyncio.to_thread(engine._stopping.wait, 10)
+    closing.set()
+    await asyncio.wait_for(closed, 30)
+    final = await reply
+    assert final.final and final.tokens < 300 and observer.tokens == final.tokens
+
+
+def test_an_error_while_streaming_ends_that_reply_once(
+    make_engine: Callable[..., Ct2TextEngine],
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The callback itself, step by step: an exception must not cross into
+    CTranslate2's loop, ends that row with an error, and is logged once, not
+    once for each of its remaining tokens."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from bot.engines.worker import Pending
+
+    engine = make_engine()
+    engine.tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine.eos_id = engine.tokenizer.eos_token_id
+    sent: list[str] = []
+
+    def failing(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
+        sent.append(kind)
+        if kind == "partial":
+            raise ValueError("a broken tokenizer")
+
+    monkeypatch.setattr(engine, "_send", failing)
+    pending = Pending(["hello"], "", asyncio.new_event_loop(), asyncio.Queue())
+    rows = [ct2._Row(pending)]
+    stops = [
+        engine._on_step(rows, SimpleNamespace(batch_id=0, token_id=token, is_last=False))
+        for token in (40, 41, 42)
+    ]
+    pending.loop.close()
+    assert stops == [True, True, True] and sent == ["partial", "error"]
+    failures = [r for r in caplog.records if "streaming a reply failed" in r.getMessage()]
+    assert len(failures) == 1
