@@ -87,13 +87,16 @@ class BotApp:
         try:
             from bot.engine_settings import build_text_engine
 
-            self.engine = self._engine or build_text_engine(
-                config.text, self.metrics, data_dir=config.bot.data_dir
-            )
-            await self.engine.start()
+            engine = self._engine
+            if engine is None:  # off the loop: choosing it imports torch (and CTranslate2)
+                engine = await asyncio.to_thread(
+                    build_text_engine, config.text, self.metrics, data_dir=config.bot.data_dir
+                )
+            self.engine = engine
+            await engine.start()
         except EngineUnavailable as exc:
             raise StartupError(str(exc)) from exc
-        self._stack.push_async_callback(self.engine.close)
+        self._stack.push_async_callback(engine.close)
         self.drawer = await self._start_drawer()
         # The manager first, so that its commands come first in /help and the menus.
         self.manager = ConversationManager(

@@ -5,7 +5,7 @@ engines themselves stay pure (`bot.engines.settings`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bot.config import DrawSection, TextSection, read_secret
 from bot.engines import EngineObserver, TextEngine
@@ -35,31 +35,29 @@ def sampling_settings(section: TextSection) -> SamplingSettings:
     )
 
 
+def _model_engine_fields(section: TextSection) -> dict[str, Any]:
+    """`ModelEngineSettings`' fields from `[text]`."""
+    return {
+        "model": ModelSource(section.model, section.device),
+        "sampling": sampling_settings(section),
+        "quantize": section.quantize,
+        "max_history_tokens": section.max_history_tokens,
+        "threads": section.threads,
+        "max_batch_size": section.max_batch_size,
+        "batch_wait_ms": section.batch_wait_ms,
+    }
+
+
 def local_engine_settings(section: TextSection) -> LocalEngineSettings:
     return LocalEngineSettings(
-        model=ModelSource(section.model, section.device),
-        sampling=sampling_settings(section),
-        quantize=section.quantize,
-        max_history_tokens=section.max_history_tokens,
-        threads=section.threads,
-        max_batch_size=section.max_batch_size,
-        batch_wait_ms=section.batch_wait_ms,
+        **_model_engine_fields(section),
         kv_cache_mb=section.kv_cache_mb,
         gil_switch_interval_s=section.gil_switch_interval_ms / 1000,
     )
 
 
 def ct2_engine_settings(section: TextSection, data_dir: Path) -> Ct2EngineSettings:
-    return Ct2EngineSettings(
-        model=ModelSource(section.model, section.device),
-        sampling=sampling_settings(section),
-        quantize=section.quantize,
-        max_history_tokens=section.max_history_tokens,
-        threads=section.threads,
-        max_batch_size=section.max_batch_size,
-        batch_wait_ms=section.batch_wait_ms,
-        cache_dir=data_dir / "ctranslate2",
-    )
+    return Ct2EngineSettings(**_model_engine_fields(section), cache_dir=data_dir / "ctranslate2")
 
 
 def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:

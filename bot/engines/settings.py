@@ -33,17 +33,26 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class LocalEngineSettings:
+class ModelEngineSettings:
+    """What both engines that serve a model in this process take from `[text]`."""
+
     model: ModelSource
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    #: the linear layers on the CPU: "none" (fp32), "int8" (int8 weights and
-    #: dynamic int8 activations), "bf16", or "auto" (bf16 where the CPU has AMX)
+    #: the precision, as `text.quantize` names it (each engine says what it means)
     quantize: str = "auto"
     max_history_tokens: int = 256
-    #: torch CPU threads (0: torch's default)
+    #: CPU threads of the model's kernels (0: the library's default)
     threads: int = 0
     max_batch_size: int = 32
     batch_wait_ms: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalEngineSettings(ModelEngineSettings):
+    """`quantize`, for the linear layers on the CPU: "none" (fp32), "int8" (int8
+    weights and dynamic int8 activations), "bf16", or "auto" (bf16 where the CPU
+    multiplies it in hardware)."""
+
     #: all key/value memory: the running batch's cache and the per-conversation
     #: prefix cache together (0: no prefix cache; the batch still gets its own)
     kv_cache_mb: int = 256
@@ -56,17 +65,10 @@ class LocalEngineSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class Ct2EngineSettings:
-    model: ModelSource
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    #: the precision, as `text.quantize` names it: "auto" (int8 on the CPU, float16
-    #: on CUDA), "none" (float32 / float16), "int8" (int8 / int8_float16), "bf16"
-    quantize: str = "auto"
-    max_history_tokens: int = 256
-    #: CTranslate2's intra-op threads (0: its default)
-    threads: int = 0
-    max_batch_size: int = 32
-    batch_wait_ms: float = 10.0
+class Ct2EngineSettings(ModelEngineSettings):
+    """`quantize`: "auto" (int8 on the CPU, float16 on CUDA), "none" (float32 /
+    float16), "int8" (int8 / int8_float16), "bf16"."""
+
     #: where converted models are kept
     cache_dir: Path = Path("data/ctranslate2")
 

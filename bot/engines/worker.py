@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.engines import EngineObserver, EngineUnavailable, TextChunk, clean_reply
+from bot.engines import EngineObserver, EngineUnavailable, TextChunk, clean_reply, final_text
 from bot.engines.prompt import encode_turn
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,7 @@ class WorkerEngine:
 
     async def generate(self, turns: Sequence[str], *, conversation: str = "") -> str:
         """The final reply's text ("" when the model said nothing)."""
-        async for chunk in self.stream(turns, conversation=conversation):
-            if chunk.final:
-                return chunk.text
-        raise EngineUnavailable("the text engine stopped before answering")
+        return await final_text(self, turns, conversation=conversation)
 
     def _observe_queue(self) -> None:
         if self.observer is not None:
