@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bot.config import Config, config_path
-from bot.engine_settings import resolved_engine
+from bot.engine_settings import HYBRID, resolved_engine
 from bot.engines.loading import looks_local, model_missing_message
 
 
@@ -64,6 +64,16 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
     if engine == "local":
         chosen = " (text.engine = 'auto' on this machine)" if config.text.engine == "auto" else ""
         print(_line(True, "text engine", f"local{chosen}"))
+    if engine == HYBRID:  # only ever "auto"'s choice
+        cache = config.bot.data_dir / "ctranslate2"
+        print(
+            _line(
+                True,
+                "text engine",
+                f"local for large batches, CTranslate2 for small ones (converted models in "
+                f"{cache}; text.engine = 'auto' on this machine)",
+            )
+        )
     if engine == "ctranslate2":
         from bot.engines.ct2 import ctranslate2_missing
 

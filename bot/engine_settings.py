@@ -75,13 +75,18 @@ def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:
     )
 
 
+#: what "auto" resolves to on a CPU with AMX (`bot.engines.hybrid`)
+HYBRID = "local + ctranslate2"
+
+
 def resolved_engine(section: TextSection) -> str:
-    """`text.engine`, with "auto" decided for this machine: "ctranslate2" on a CPU
-    without AMX when CTranslate2 is installed, where it answered one user 2.4x
-    and 32 users 1.2x as fast as the local engine through the whole bot, at the
-    same perplexity (docs/PERFORMANCE.md); "local" on CUDA (fp16, continuous
-    batching, prefix reuse), on a CPU with AMX (where the local engine was ahead
-    of CTranslate2) and without CTranslate2."""
+    """`text.engine`, with "auto" decided for this machine (docs/PERFORMANCE.md):
+    "ctranslate2" on a CPU without AMX when CTranslate2 is installed, where it
+    answered one user 2.4x and 32 users 1.2x as fast as the local engine through
+    the whole bot, at the same perplexity; `HYBRID` on a CPU with AMX, where
+    CTranslate2 was 3-4x as fast for one user but the local engine ahead at 32
+    users; "local" on CUDA (fp16, continuous batching, prefix reuse) and where
+    CTranslate2 is missing or cannot run the precision."""
     if section.engine != "auto":
         return section.engine
     from bot.engines import ct2
@@ -96,11 +101,11 @@ def resolved_engine(section: TextSection) -> str:
     cuda = torch.cuda.is_available() or ctranslate2.get_cuda_device_count() > 0
     if section.device == "cuda" or (section.device == "auto" and cuda):
         return "local"
-    if amx_available():
-        return "local"
     # a precision CTranslate2 cannot run here (bf16 without AVX512-BF16 kernels)
     compute_type = ct2.COMPUTE_TYPES["cpu"][section.quantize]
-    return "local" if ct2.compute_type_missing("cpu", compute_type) else "ctranslate2"
+    if ct2.compute_type_missing("cpu", compute_type):
+        return "local"
+    return HYBRID if amx_available() else "ctranslate2"
 
 
 def build_text_engine(
@@ -120,6 +125,12 @@ def build_text_engine(
         from bot.engines.ct2 import Ct2TextEngine
 
         return Ct2TextEngine(ct2_engine_settings(section, data_dir), observer)
+    if engine == HYBRID:
+        from bot.engines.hybrid import HybridTextEngine
+
+        return HybridTextEngine(
+            local_engine_settings(section), ct2_engine_settings(section, data_dir), observer
+        )
     from bot.engines.text import LocalTextEngine
 
     return LocalTextEngine(local_engine_settings(section), observer)

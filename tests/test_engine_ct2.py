@@ -238,13 +238,13 @@ def test_a_conversion_another_process_finished_first_is_kept(
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no scratch left
 
 
-def test_auto_picks_ctranslate2_only_on_a_cpu_without_amx(
+def test_auto_picks_ctranslate2_alone_only_on_a_cpu_without_amx(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What `text.engine = "auto"` (the default) serves with, by machine."""
     import torch
 
-    from bot.engine_settings import resolved_engine
+    from bot.engine_settings import HYBRID, resolved_engine
     from bot.engines import linears
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -259,7 +259,7 @@ def test_auto_picks_ctranslate2_only_on_a_cpu_without_amx(
     assert resolved_engine(TextSection(engine="auto", device="cpu")) == "ctranslate2"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(linears, "amx_available", lambda: True)
-    assert resolved_engine(auto) == "local"  # ahead of CTranslate2 with AMX
+    assert resolved_engine(auto) == HYBRID  # both: the local engine ahead at 32 users
     monkeypatch.setattr(linears, "amx_available", lambda: False)
     monkeypatch.setattr(ct2, "compute_type_missing", lambda device, kind: "no bf16 kernels")
     assert resolved_engine(TextSection(engine="auto", quantize="bf16")) == "local"

@@ -11,6 +11,7 @@ from bot.config.section import Section
 
 class TextSection(Section):
     #: "auto" ("ctranslate2" on a CPU without AMX when CTranslate2 is installed,
+    #: both on a CPU with AMX: CTranslate2 for small batches, ours for large ones,
     #: else "local": `bot.engine_settings.resolved_engine`), "local" (our engine),
     #: "ctranslate2" (the same model through CTranslate2), "remote" (an
     #: OpenAI-compatible server)

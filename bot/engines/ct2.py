@@ -204,8 +204,13 @@ class Ct2TextEngine(WorkerEngine):
         self._stopping = threading.Event()
 
     async def close(self) -> None:
-        self._stopping.set()
+        self.stop_batch()
         await super().close()
+
+    def stop_batch(self) -> None:
+        """Stop the batch running now at its next token, for good (the engine is
+        closing): its callers get the replies so far."""
+        self._stopping.set()
 
     # -- loading (worker thread) -------------------------------------------------
 

@@ -191,13 +191,9 @@ class LocalTextEngine(WorkerEngine):
         try:
             self.decoder.run(requests, admit=admit)
         except Exception as exc:
-            self.failures += 1
-            log.exception("text generation failed for a batch of %d", len(active))
             if is_out_of_memory(exc):
                 free_memory()
-            error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
-            for pending in active:
-                self._send(pending, "error", error)
+            self._failed(active, exc)
 
     def _observe_step(self, rows: int) -> None:
         self.batch_sizes.append(rows)

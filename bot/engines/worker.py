@@ -70,6 +70,8 @@ class WorkerEngine:
         self.generated_tokens = 0
         #: token ids of recent turns, least recently used first (worker thread only)
         self._turn_ids: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        #: the engine whose worker this one answers on (`serve_for`), if any
+        self._owner: WorkerEngine | None = None
 
     # -- what a subclass provides (worker thread) -----------------------------------
 
@@ -88,6 +90,16 @@ class WorkerEngine:
 
     def _unload(self) -> None:
         """Let go of the model once the worker stops (nothing by default)."""
+
+    def serve_for(self, owner: WorkerEngine) -> None:
+        """Answer on `owner`'s worker instead of a thread of this engine's own:
+        `owner` calls `_load`, `_run` and `_unload` on its thread, requests come
+        from its queue (a running batch admits latecomers from there), tokens are
+        counted on it and turns are tokenized into its cache. Call before `start`
+        would be; this engine is then never started itself."""
+        self._queue = owner._queue
+        self._turn_ids = owner._turn_ids
+        self._owner = owner
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -184,37 +196,57 @@ class WorkerEngine:
                     return
                 try:
                     self._run(batch)
-                except Exception as exc:  # the batch fails; the engine goes on
-                    self.failures += 1
-                    log.exception("text generation failed for a batch of %d", len(batch))
-                    for pending in batch:
-                        error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
-                        self._send(pending, "error", error)
+                except Exception as exc:
+                    self._failed(batch, exc)
         finally:
             self._ready.clear()
             self._fail_queued(EngineUnavailable("the text engine stopped"))
             self._unload()
 
-    def _collect(self) -> list[Pending] | None:
+    def _failed(self, batch: list[Pending], exc: Exception) -> None:
+        """Generation raised `exc` for `batch` (call it in the `except` block): its
+        requests fail, the engine goes on."""
+        self.failures += 1
+        log.exception("text generation failed for a batch of %d", len(batch))
+        error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
+        for pending in batch:
+            self._send(pending, "error", error)
+
+    def _collect(self, *, burst: int = 0, burst_s: float = 0.0) -> list[Pending] | None:
         """The first request waiting (blocking) and whatever joins it within
-        `batch_wait_ms`, up to `_batch_limit()`; None once the engine stops."""
+        `batch_wait_ms`, up to `_batch_limit()`; None once the engine stops. While
+        the batch has fewer than `burst` requests it also takes those that come
+        within `batch_wait_ms` of the one before, for up to `burst_s` longer."""
         first = self._queue.get()
         if first is _STOP:
             return None
         batch = [first]
         limit = self._batch_limit()
-        deadline = time.monotonic() + self._batch_wait_s
+        window = self._batch_wait_s
+        started = last = time.monotonic()
         while len(batch) < limit:
-            timeout = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                self._queue.put(_STOP)
+            deadline = started + window
+            if len(batch) < burst:
+                deadline = min(max(deadline, last + window), started + window + burst_s)
+            item = self._take(deadline - time.monotonic())
+            if item is None:
                 break
             batch.append(item)
+            last = time.monotonic()
         return batch
+
+    def _take(self, timeout: float) -> Pending | None:
+        """The next request queued within `timeout` seconds, or None (also when the
+        engine was told to stop: the stop stays queued for `_collect`)."""
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if item is _STOP:
+            self._queue.put(_STOP)
+            return None
+        pending: Pending = item
+        return pending
 
     def _take_waiting(self, room: int) -> tuple[list[Pending], bool]:
         """Up to `room` requests queued now, without blocking, and whether the
@@ -247,6 +279,9 @@ class WorkerEngine:
         return ids
 
     def _count_tokens(self, count: int) -> None:
+        if self._owner is not None:
+            self._owner._count_tokens(count)
+            return
         self.generated_tokens += count
         if self.observer is not None:
             self.observer.count_tokens(count)

@@ -1,0 +1,128 @@
+"""`text.engine = "auto"` on a CPU with AMX: small batches on CTranslate2, large
+ones on the local engine, from one queue on one worker thread.
+
+Why two engines: measured through the whole bot on an Intel Xeon with AMX
+(docs/PERFORMANCE.md), CTranslate2 answered one user 3.3-4x and eight users
+1.1-1.2x as fast as the local engine (its decode loop is C++; a one-row step
+of ours is some 150 PyTorch calls, each with a fixed cost), while at 32 users
+the local engine served 1.0-1.4x as many tokens a second (AMX bf16 products,
+continuous batching, prefix reuse). Neither is the faster engine at every load.
+
+So each batch the worker collects goes to the engine that is faster at its
+size: fewer than `large_batch` requests to CTranslate2, more to the local
+engine, which goes on admitting the requests that arrive while it decodes, so
+under sustained load the work stays there until the batch drains. A small
+batch goes on collecting while requests keep arriving less than
+`batch_wait_ms` apart, for up to `BURST_WAIT_S` longer (a lone request waits
+no longer than before): a burst of 32 users
+reaches the worker over tens of milliseconds (each message goes through the
+manager and the database first), and without that its first part went to
+CTranslate2 and only the rest to the local engine, one after the other.
+
+Both engines load the same model; CTranslate2's converted copy is cached as in
+`bot.engines.ct2`. When CTranslate2 cannot load it, every batch goes to the
+local engine and a warning says why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bot.engines import EngineObserver, EngineUnavailable
+from bot.engines.ct2 import Ct2TextEngine
+from bot.engines.settings import Ct2EngineSettings, LocalEngineSettings
+from bot.engines.text import LocalTextEngine
+from bot.engines.worker import Pending, WorkerEngine
+
+log = logging.getLogger(__name__)
+
+#: A batch of at least this many requests goes to the local engine. The crossover
+#: measured on the AMX Xeon lies between 8 users (CTranslate2 1.1-1.2x ahead) and
+#: 32 (the local engine 1.0-1.4x ahead); see docs/PERFORMANCE.md.
+LARGE_BATCH = 16
+#: the most a small batch goes on collecting a burst, beyond `batch_wait_ms`
+BURST_WAIT_S = 0.05
+
+
+class HybridTextEngine(WorkerEngine):
+    """CTranslate2 for batches of fewer than `large_batch` requests, the local
+    engine for larger ones; see the module docstring."""
+
+    thread_name = "text-engine"
+
+    def __init__(
+        self,
+        local: LocalEngineSettings,
+        small: Ct2EngineSettings,
+        observer: EngineObserver | None = None,
+        *,
+        large_batch: int = LARGE_BATCH,
+    ) -> None:
+        super().__init__(
+            model_key=local.model.key, batch_wait_ms=local.batch_wait_ms, observer=observer
+        )
+        self.large_batch = large_batch
+        self.local = LocalTextEngine(local, observer)
+        #: None once it failed to load: then the local engine answers everything
+        self.small: Ct2TextEngine | None = Ct2TextEngine(small, observer)
+        self.local.serve_for(self)
+        self.small.serve_for(self)
+        #: batches each engine answered
+        self.batches = {"local": 0, "ctranslate2": 0}
+
+    # -- what the bench and the metrics read: the local engine's -------------------
+
+    @property
+    def prompt_budget(self) -> int:
+        return self.local.prompt_budget
+
+    @property
+    def quantized(self) -> str:
+        return self.local.quantized
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.local.kv_bytes
+
+    # -- worker thread -----------------------------------------------------------
+
+    def _batch_limit(self) -> int:
+        return self.local._batch_limit()
+
+    def _load(self) -> None:
+        self.local._load()
+        self.tokenizer = self.local.tokenizer
+        assert self.small is not None
+        try:
+            self.small._load()
+        except EngineUnavailable as exc:
+            log.warning("CTranslate2 is not used (%s): the local engine answers every batch", exc)
+            self.small = None
+        except Exception:
+            log.exception("CTranslate2 could not load: the local engine answers every batch")
+            self.small = None
+
+    def _collect(self, *, burst: int = 0, burst_s: float = 0.0) -> list[Pending] | None:
+        """A batch too small for the local engine goes on collecting a burst (see
+        the module docstring)."""
+        if self.small is None:
+            return super()._collect()
+        return super()._collect(burst=self.large_batch, burst_s=BURST_WAIT_S)
+
+    def _run(self, batch: list[Pending]) -> None:
+        small = self.small
+        if small is not None and len(batch) < self.large_batch:
+            self.batches["ctranslate2"] += 1
+            small._run(batch)
+        else:
+            self.batches["local"] += 1
+            self.local._run(batch)
+
+    def _unload(self) -> None:
+        if self.small is not None:
+            self.small._unload()
+
+    async def close(self) -> None:
+        if self.small is not None:
+            self.small.stop_batch()
+        await super().close()

@@ -1,0 +1,264 @@
+"""`text.engine = "auto"` on a CPU with AMX: small batches on CTranslate2, large
+ones on the local engine, on the tiny GPT-2 (converted for real by
+CTranslate2's converter): which engine answers what, that both answer from one
+queue and count tokens once, the fallback when CTranslate2 cannot load, and a
+message through the whole bot."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import Config, TextSection
+from bot.engine_settings import HYBRID, ct2_engine_settings, local_engine_settings
+
+pytest.importorskip(
+    "ctranslate2", reason="the ctranslate2 extra is not installed (make test installs it)"
+)
+
+from bot.engines import ct2
+from bot.engines.hybrid import HybridTextEngine
+
+
+class _Counter:
+    """An `EngineObserver` that remembers what the engine reported."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.batches: list[int] = []
+
+    def observe_queue(self, engine: str, depth: int) -> None:
+        pass
+
+    def observe_batch(self, rows: int) -> None:
+        self.batches.append(rows)
+
+    def count_tokens(self, count: int) -> None:
+        self.tokens += count
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., HybridTextEngine]:
+    def factory(observer: Any = None, *, large_batch: int = 2, **text: Any) -> HybridTextEngine:
+        values: dict[str, Any] = {
+            "model": str(tiny_model_dir),
+            "device": "cpu",
+            "max_new_tokens": 12,
+            "stream_interval_ms": 0,
+            # requests sent together are collected together (the batch is full at
+            # `max_batch_size`; a lone request waits this long for company)
+            "batch_wait_ms": 300,
+            "max_batch_size": 2,
+            "threads": 1,
+            "kv_cache_mb": 16,
+        }
+        values.update(text)
+        section = TextSection(**values)
+        return HybridTextEngine(
+            local_engine_settings(section),
+            ct2_engine_settings(section, tmp_path / "data"),
+            observer,
+            large_batch=large_batch,
+        )
+
+    return factory
+
+
+async def _final(engine: HybridTextEngine, turns: list[str], conversation: str = "") -> Any:
+    chunks = [chunk async for chunk in engine.stream(turns, conversation=conversation)]
+    assert chunks and chunks[-1].final
+    return chunks[-1]
+
+
+async def test_a_lone_request_goes_to_ctranslate2_and_a_full_batch_to_the_local_engine(
+    make_engine: Callable[..., HybridTextEngine],
+) -> None:
+    observer = _Counter()
+    engine = make_engine(observer)
+    await engine.start()
+    try:
+        assert engine.small is not None and engine.small.compute_type == "int8"
+        alone = await _final(engine, ["hello there"], "ann")
+        assert engine.batches == {"ctranslate2": 1, "local": 0}
+        assert list(engine.small.batch_sizes) == [1] and not engine.local.batch_sizes
+        together = await asyncio.gather(
+            _final(engine, ["hi, how are you?"], "bob"), _final(engine, ["I like pizza."], "cy")
+        )
+        assert engine.batches == {"ctranslate2": 1, "local": 1}
+        assert max(engine.local.batch_sizes) == 2  # decoded side by side
+        finals = [alone, *together]
+        assert all(0 < final.tokens <= 12 and final.prompt_tokens > 0 for final in finals)
+        # counted once, on the engine the bot holds, whichever engine answered
+        assert engine.generated_tokens == observer.tokens == sum(f.tokens for f in finals)
+        assert engine.local.generated_tokens == engine.small.generated_tokens == 0
+        assert engine.prompt_budget == engine.local.prompt_budget
+    finally:
+        await engine.close()
+    assert not engine.ready
+
+
+async def test_a_burst_arriving_over_more_than_the_batch_wait_goes_to_the_local_engine(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many users at once reach the worker spread out (each message passes the
+    manager and the database first): while the batch is too small for the local
+    engine, it goes on collecting requests that come within `batch_wait_ms` of
+    the one before. Requests 0.5 s apart with a 0.8 s wait: the plain window
+    would close after two of them and hand those to CTranslate2."""
+    from bot.engines import hybrid
+
+    monkeypatch.setattr(hybrid, "BURST_WAIT_S", 10.0)
+    engine = make_engine(large_batch=4, max_batch_size=6, batch_wait_ms=800)
+    await engine.start()
+    try:
+        replies = []
+        for index in range(4):
+            if index:
+                await asyncio.sleep(0.5)  # the pace of the arrivals, not a synchronisation
+            replies.append(asyncio.ensure_future(_final(engine, [f"hi {index}"], f"u{index}")))
+        finals = await asyncio.gather(*replies)
+        assert all(final.tokens > 0 for final in finals)
+        assert engine.batches == {"ctranslate2": 0, "local": 1}
+    finally:
+        await engine.close()
+
+
+async def test_requests_arriving_while_the_local_engine_decodes_join_its_batch(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under load the work stays on the local engine: a request queued while it
+    decodes joins the running batch (continuous batching) instead of waiting for
+    CTranslate2 or for the batch to end. The shared queue makes that work."""
+    # two requests sent together wait `batch_wait_ms` for a third, then go together
+    engine = make_engine(large_batch=2, max_batch_size=3, max_new_tokens=40)
+    started, release = threading.Event(), threading.Event()
+    send = engine.local._send
+
+    def holding(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
+        send(pending, kind, value, tokens)
+        if kind == "partial" and not started.is_set():
+            started.set()
+            assert release.wait(10)
+
+    monkeypatch.setattr(engine.local, "_send", holding)
+    await engine.start()
+    try:
+        first = [
+            asyncio.ensure_future(_final(engine, [f"message {i}"], f"user{i}")) for i in range(2)
+        ]
+        await asyncio.to_thread(started.wait, 10)
+        late = asyncio.ensure_future(_final(engine, ["me too"], "late"))
+        await asyncio.sleep(0)  # its first step puts it in the queue
+        assert engine.queue_depth == 1  # the worker is inside the local engine's batch
+        release.set()
+        await asyncio.gather(*first, late)
+        assert engine.batches == {"ctranslate2": 0, "local": 1}
+        assert engine.local.decoder.joined >= 1
+    finally:
+        release.set()
+        await engine.close()
+
+
+async def test_when_ctranslate2_cannot_load_the_local_engine_answers_everything(
+    make_engine: Callable[..., HybridTextEngine],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "ctranslate2 is gone")
+    engine = make_engine(batch_wait_ms=0)
+    with caplog.at_level(logging.WARNING, logger="bot.engines.hybrid"):
+        await engine.start()
+    try:
+        assert engine.small is None
+        assert "CTranslate2 is not used (ctranslate2 is gone)" in caplog.text
+        final = await _final(engine, ["hello there"])
+        assert final.tokens > 0 and engine.batches == {"ctranslate2": 0, "local": 1}
+    finally:
+        await engine.close()
+
+
+async def test_close_stops_a_running_ctranslate2_batch(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutting down does not wait for CTranslate2's batch to end: it stops at
+    the next token and its caller gets the reply so far."""
+    engine = make_engine(batch_wait_ms=0, max_new_tokens=300, min_new_tokens=300)
+    await engine.start()
+    assert engine.small is not None
+    held, closing = threading.Event(), threading.Event()
+    send = engine.small._send
+
+    def holding(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
+        send(pending, kind, value, tokens)
+        if kind == "partial" and not held.is_set():
+            held.set()
+            assert closing.wait(10)
+
+    monkeypatch.setattr(engine.small, "_send", holding)
+    reply = asyncio.ensure_future(_final(engine, ["tell me a long story"]))
+    await asyncio.to_thread(held.wait, 10)
+    closed = asyncio.ensure_future(engine.close())
+    await asyncio.to_thread(engine.small._stopping.wait, 10)
+    closing.set()
+    await asyncio.wait_for(closed, 30)
+    final = await reply
+    assert final.final and final.tokens < 300
+
+
+def test_auto_picks_both_engines_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from bot.engine_settings import build_text_engine, resolved_engine
+    from bot.engines import linears
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(linears, "amx_available", lambda: True)
+    auto = TextSection(engine="auto")
+    assert resolved_engine(auto) == HYBRID
+    assert isinstance(build_text_engine(auto), HybridTextEngine)
+    assert resolved_engine(TextSection(engine="local")) == "local"  # a choice is kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolved_engine(auto) == "local"  # CUDA: fp16, continuous batching, prefix reuse
+
+
+async def test_a_message_through_the_bot_is_answered_and_stored(
+    make_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.app import BotApp
+    from bot.engines import linears
+    from bot.messages import Incoming, Text
+
+    monkeypatch.setattr(linears, "amx_available", lambda: True)
+    config = make_config(text={"engine": "auto", "device": "cpu", "threads": 1})
+    async with BotApp(config) as app:
+        assert isinstance(app.engine, HybridTextEngine)
+        incoming = Incoming("test", "chat1", "ann", "Ann", "hello, do you like music?")
+        replies = [reply async for reply in app.manager.handle(incoming)]
+        final = [r for r in replies if isinstance(r, Text) and r.final]
+        assert len(final) == 1 and final[0].text
+        assert app.engine.batches["ctranslate2"] == 1
+        exported = await app.store.people.export("test", "ann")
+        assert [(m.role, m.text) for m in exported[0].messages] == [
+            ("user", "hello, do you like music?"),
+            ("bot", final[0].text),
+        ]
+
+
+async def test_doctor_says_both_engines_serve(
+    make_config: Callable[..., Config],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from bot.doctor import run_checks
+    from bot.engines import linears
+
+    monkeypatch.setattr(linears, "amx_available", lambda: True)
+    await run_checks(make_config(text={"engine": "auto", "device": "cpu"}), None)
+    out = capsys.readouterr().out
+    assert "[ok  ] text engine: local for large batches, CTranslate2 for small ones" in out
