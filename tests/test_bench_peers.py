@@ -17,6 +17,7 @@ import pytest
 from bot.bench import compare, peers
 from bot.bench.compare import ratios, run_peers
 from bot.bench.peer_report import format_peers, write_peers_plot
+from bot.bench.peer_run import OURS_CT2, OURS_HYBRID
 from bot.bench.peers import PeerServer
 from bot.bench.plan import Plan
 from bot.cli import main
@@ -64,17 +65,18 @@ def test_every_engine_gets_the_same_messages_and_token_counts(
                 assert run["tokens"] == users * plan.turns * plan.new_tokens
             # prompts: the user's messages and the engine's own earlier replies,
             # fitted to the same budget
-            bot_path = ("ours (bot)", "ours (bot, ctranslate2)")  # prompts from the database
+            bot_path = ("ours (bot)", OURS_CT2, OURS_HYBRID)  # prompts from the database
             assert all(r["prompt_tokens"] > 0 for r in group if r["engine"] not in bot_path)
     assert {(r["users"], r["pattern"]) for r in result["ratios"]} == {
         (u, p) for u in plan.users for p in ("lockstep", "closed-loop")
     }
     assert all(isinstance(t["met"], bool) for t in result["targets"])
     # the targets are read on the bot with the engine text.engine = "auto" gives here
-    from bot.engine_settings import resolved_engine
+    from bot.engine_settings import HYBRID, resolved_engine
 
     auto = resolved_engine(_config(tmp_path).text)
-    default = "ours (bot, ctranslate2)" if auto == "ctranslate2" else "ours (bot)"
+    default = {"ctranslate2": OURS_CT2, HYBRID: OURS_HYBRID}.get(auto, "ours (bot)")
+    assert (OURS_HYBRID in engines) == (auto == HYBRID)  # run only where "auto" picks it
     assert result["default_engine"] == default
     assert all(t["name"].startswith(default) for t in result["targets"][:2])
     text = format_peers(result)
@@ -167,4 +169,4 @@ def test_ratios_compare_ours_with_the_best_peer() -> None:
     assert entry["best_peer"] == "b" and entry["ours (bot)"] == 1.5
     assert entry["ours (engine)"] == 2.0
     assert entry["ours (bot, ctranslate2)"] == 1.25  # ours, not the best peer
-    assert compare.OURS == ("ours (bot)", "ours (engine)", "ours (bot, ctranslate2)")
+    assert compare.OURS == ("ours (bot)", "ours (engine)", OURS_CT2, OURS_HYBRID)

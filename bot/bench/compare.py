@@ -4,6 +4,8 @@ In one process, on one model, for every user count and both arrival patterns
 (`peer_run`), one engine right after the other:
 
 * ours (bot) — the real path: manager + SQLite store + our engine;
+* ours (bot, ctranslate2) — the same with `text.engine = "ctranslate2"`, and
+  ours (bot, local + ctranslate2) with both, where "auto" picks them;
 * ours (engine) — our engine alone, on the same harness as the peers;
 * transformers `generate`, CTranslate2 float32 and int8 (`peers`), each
   behind a dynamic batcher.
@@ -26,6 +28,9 @@ from bot.bench import peers as peers_module
 from bot.bench.peer_run import (
     CLOSED_LOOP,
     LOCKSTEP,
+    OURS,
+    OURS_CT2,
+    OURS_HYBRID,
     PatternRun,
     engine_ask,
     peer_ask,
@@ -46,9 +51,6 @@ from bot.bench.setup import (
 from bot.config import Config
 
 PATTERNS = (LOCKSTEP, CLOSED_LOOP)
-#: the bot path with `text.engine = "ctranslate2"` (run when CTranslate2 is installed)
-OURS_CT2 = "ours (bot, ctranslate2)"
-OURS = ("ours (bot)", "ours (engine)", OURS_CT2)
 
 
 def workload(base: Config, plan: Plan, new_tokens: int) -> dict[str, Any]:
@@ -111,7 +113,8 @@ async def run_peers(
             threads=torch.get_num_threads(),
         )
         with_ct2 = peers_module.ctranslate2_missing() is None
-        engines = len(OURS) - (0 if with_ct2 else 1) + len(peers)
+        default = _default_row(base, with_ct2)
+        engines = 2 + (1 if with_ct2 else 0) + (default == OURS_HYBRID) + len(peers)
         bar = Progress(progress, engines * len(PATTERNS) * sum(plan.users) * plan.turns)
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -129,8 +132,21 @@ async def run_peers(
                         threads=torch.get_num_threads(),  # as many as the peers get
                     )
                     ct2_app = await stack.enter_async_context(BotApp(ct2_config))
+                others = {OURS_CT2: ct2_app} if ct2_app is not None else {}
+                if default == OURS_HYBRID:  # "auto" here: both engines, a database of their own
+                    (workdir / "hybrid").mkdir()
+                    hybrid_config = bench_config(
+                        base,
+                        model,
+                        workdir / "hybrid" / "peers.db",
+                        engine="auto",
+                        max_new_tokens=new_tokens,
+                        min_new_tokens=new_tokens,
+                        threads=torch.get_num_threads(),
+                    )
+                    others[OURS_HYBRID] = await stack.enter_async_context(BotApp(hybrid_config))
                 tuned: dict[str, int] = {}
-                rows = await _all_runs(app, ct2_app, peers, tokenizer, scripts, plan, bar, tuned)
+                rows = await _all_runs(app, others, peers, tokenizer, scripts, plan, bar, tuned)
                 engine: Any = app.engine
                 described = {
                     "model": {**describe_model(model, hf_model, tokenizer), "chosen": chosen},
@@ -141,10 +157,7 @@ async def run_peers(
                     "prompt_budget": engine.prompt_budget,
                 }
                 # the targets are read on what `text.engine` gives this machine
-                default = _default_row(base, ct2_app is not None)
-                turn_latency = await _turn_latency(
-                    ct2_app if default == OURS_CT2 else app, scripts, plan, bar
-                )
+                turn_latency = await _turn_latency(others.get(default, app), scripts, plan, bar)
         finally:
             bar.close()
         measured: dict[str, Any] | None = None
@@ -199,7 +212,7 @@ def _sample_prompts(tokenizer: Any, scripts: list[list[str]], budget: int) -> li
 
 async def _all_runs(
     app: Any,
-    ct2_app: Any,
+    others: dict[str, Any],
     peers: list[Peer],
     tokenizer: Any,
     scripts: list[list[str]],
@@ -211,8 +224,8 @@ async def _all_runs(
     text = app.config.text
     # warm-up, not timed: first calls pay for lazy initialisation
     await engine.generate(["hello there"])
-    if ct2_app is not None:
-        await ct2_app.engine.generate(["hello there"])
+    for other in others.values():
+        await other.engine.generate(["hello there"])
     for peer in peers:
         await asyncio.to_thread(peer.generate, [tokenizer("hello there")["input_ids"]])
     sample = _sample_prompts(tokenizer, scripts[: max(plan.users)], engine.prompt_budget)
@@ -232,18 +245,18 @@ async def _all_runs(
                     manager, engine, pattern, chosen, f"bot-{tag}", ramp_s=ramp, tick=bar.tick
                 )
             ]
-            if ct2_app is not None:
-                bar.phase(f"{pattern}, {users} users: ours with ctranslate2")
+            for index, (name, other) in enumerate(others.items()):
+                bar.phase(f"{pattern}, {users} users: {name}")
                 runs.append(
                     await run_bot(
-                        ct2_app.manager,
-                        ct2_app.engine,
+                        other.manager,
+                        other.engine,
                         pattern,
                         chosen,
-                        f"ct2-{tag}",
+                        f"other{index}-{tag}",
                         ramp_s=ramp,
                         tick=bar.tick,
-                        name=OURS_CT2,
+                        name=name,
                     )
                 )
             ask = engine_ask(engine, f"engine-{tag}")
@@ -301,12 +314,15 @@ async def _turn_latency(
     }
 
 
-def _default_row(base: Config, ran_ct2: bool) -> str:
+def _default_row(base: Config, with_ct2: bool) -> str:
     """The row of the bot with the engine `text.engine` resolves to here ("ours
-    (bot)" for the local engine, the remote one or CTranslate2 not run)."""
-    from bot.engine_settings import resolved_engine
+    (bot)" for the local engine, the remote one or CTranslate2 not installed)."""
+    from bot.engine_settings import HYBRID, resolved_engine
 
-    return OURS_CT2 if ran_ct2 and resolved_engine(base.text) == "ctranslate2" else "ours (bot)"
+    if not with_ct2:
+        return "ours (bot)"
+    engine = resolved_engine(base.text)
+    return {"ctranslate2": OURS_CT2, HYBRID: OURS_HYBRID}.get(engine, "ours (bot)")
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bot.bench.peer_run import OURS
 from bot.bench.report import closing_lines, model_line
 
 MB = 2**20
@@ -65,11 +66,7 @@ def format_peers(result: dict[str, Any]) -> str:
         lines.append(f"skipped  {skipped['engine']}: {skipped['note']}")
     lines += ["", *_runs_table(result["runs"]), ""]
     for entry in result["ratios"]:
-        ours = ", ".join(
-            f"{name} {entry[name]:.2f}x"
-            for name in ("ours (bot)", "ours (engine)", "ours (bot, ctranslate2)")
-            if name in entry
-        )
+        ours = ", ".join(f"{name} {entry[name]:.2f}x" for name in OURS if name in entry)
         lines.append(
             f"{entry['users']:>3} users, {entry['pattern']:<11}: best peer {entry['best_peer']} "
             f"{entry['best_peer_tokens_per_s']:.0f} tokens/s; {ours}"
