@@ -12,15 +12,16 @@ MB = 2**20
 
 
 def _runs_table(runs: list[dict[str, Any]]) -> list[str]:
+    wide = max([23, *(len(run["engine"]) for run in runs)])
     lines = [
-        f"{'users':>5}  {'pattern':<11}  {'engine':<23} {'tokens/s':>9}  "
+        f"{'users':>5}  {'pattern':<11}  {'engine':<{wide}} {'tokens/s':>9}  "
         f"{'latency p50 / p95, s':>20}  {'turn N/1':>8}  {'prompt tok/reply':>16}",
     ]
     for run in runs:
         prompt = run["prompt_tokens"] / run["replies"] if run["replies"] else 0
         shown = f"{prompt:>16.0f}" if run["prompt_tokens"] else f"{'(database)':>16}"
         lines.append(
-            f"{run['users']:>5}  {run['pattern']:<11}  {run['engine']:<23} "
+            f"{run['users']:>5}  {run['pattern']:<11}  {run['engine']:<{wide}} "
             f"{run['tokens_per_s']:>9.1f}  "
             f"{run['latency_p50_s']:>9.3f} / {run['latency_p95_s']:>6.3f}"
             f"  {run['turn_ratio']:>8.2f}  {shown}"
