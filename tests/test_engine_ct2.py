@@ -415,6 +415,21 @@ async def test_close_stops_a_running_batch(
     assert final.final and final.tokens < 300 and observer.tokens == final.tokens
 
 
+async def test_a_batch_collected_while_closing_fails_instead_of_stopping_at_once(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    """Once `close` has begun, a batch that starts would stop at its first token
+    and pass for a (nearly empty) reply: it fails instead, as queued ones do."""
+    engine = make_engine(batch_wait_ms=0)
+    await engine.start()
+    try:
+        engine.stop_batch()
+        with pytest.raises(EngineUnavailable, match="stopped"):
+            await engine.generate(["hello"])
+    finally:
+        await engine.close()
+
+
 def test_an_error_while_streaming_ends_that_reply_once(
     make_engine: Callable[..., Ct2TextEngine],
     tiny_model_dir: Path,

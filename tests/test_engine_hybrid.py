@@ -17,6 +17,7 @@ import pytest
 
 from bot.config import Config, TextSection
 from bot.engine_settings import HYBRID, ct2_engine_settings, local_engine_settings
+from bot.engines import EngineUnavailable
 
 pytest.importorskip(
     "ctranslate2", reason="the ctranslate2 extra is not installed (make test installs it)"
@@ -50,6 +51,7 @@ def make_engine(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., HybridTex
             "model": str(tiny_model_dir),
             "device": "cpu",
             "max_new_tokens": 12,
+            "min_new_tokens": 4,  # no reply ends before it started
             "stream_interval_ms": 0,
             # requests sent together are collected together (the batch is full at
             # `max_batch_size`; a lone request waits this long for company)
@@ -136,7 +138,7 @@ async def test_requests_arriving_while_the_local_engine_decodes_join_its_batch(
     decodes joins the running batch (continuous batching) instead of waiting for
     CTranslate2 or for the batch to end. The shared queue makes that work."""
     # two requests sent together wait `batch_wait_ms` for a third, then go together
-    engine = make_engine(large_batch=2, max_batch_size=3, max_new_tokens=40)
+    engine = make_engine(large_batch=2, max_batch_size=3, max_new_tokens=40, min_new_tokens=40)
     started, release = threading.Event(), threading.Event()
     send = engine.local._send
 
@@ -181,6 +183,30 @@ async def test_when_ctranslate2_cannot_load_the_local_engine_answers_everything(
         assert final.tokens > 0 and engine.batches == {"ctranslate2": 0, "local": 1}
     finally:
         await engine.close()
+
+
+async def test_fewer_local_rows_than_large_batch_lower_it_and_failures_count_once(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the local engine holds fewer rows than `large_batch` (a larger
+    model in `kv_cache_mb`), batches it can hold still reach it; a batch that
+    fails there counts on the engine the bot holds."""
+    engine = make_engine(large_batch=16, max_batch_size=2)
+    await engine.start()
+    try:
+        assert engine.large_batch == 2
+        monkeypatch.setattr(engine.local.decoder, "run", _raise)
+        results = await asyncio.gather(
+            *(_final(engine, [f"hi {i}"], f"u{i}") for i in range(2)), return_exceptions=True
+        )
+        assert all(isinstance(r, EngineUnavailable) for r in results)
+        assert engine.batches["local"] == 1 and engine.failures == 1
+    finally:
+        await engine.close()
+
+
+def _raise(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("boom")
 
 
 async def test_close_stops_a_running_ctranslate2_batch(

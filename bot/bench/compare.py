@@ -144,7 +144,13 @@ async def run_peers(
                         min_new_tokens=new_tokens,
                         threads=torch.get_num_threads(),
                     )
-                    others[OURS_HYBRID] = await stack.enter_async_context(BotApp(hybrid_config))
+                    hybrid = await stack.enter_async_context(BotApp(hybrid_config))
+                    if getattr(hybrid.engine, "small", None) is None:  # it serves as "local"
+                        note = "CTranslate2 did not load in it (see the log)"
+                        skipped.append(Skipped(OURS_HYBRID, note))
+                        default = "ours (bot)"
+                    else:
+                        others[OURS_HYBRID] = hybrid
                 tuned: dict[str, int] = {}
                 rows = await _all_runs(app, others, peers, tokenizer, scripts, plan, bar, tuned)
                 engine: Any = app.engine

@@ -375,6 +375,10 @@ class Ct2TextEngine(WorkerEngine):
         self._observe_queue()
         if not live:
             return
+        if self._stopping.is_set():  # closing: a batch started now would stop at once
+            for pending in live:
+                self._send(pending, "error", EngineUnavailable("the text engine stopped"))
+            return
         rows = [_Row(pending) for pending in live]
         prompts = [self._prompt(pending) for pending in live]
         self.batch_sizes.append(len(rows))

@@ -92,6 +92,14 @@ class HybridTextEngine(WorkerEngine):
     def _load(self) -> None:
         self.local._load()
         self.tokenizer = self.local.tokenizer
+        rows = self.local._batch_limit()
+        if rows < self.large_batch:  # `kv_cache_mb` holds fewer rows (a larger model)
+            self.large_batch = max(2, rows)
+            log.info(
+                "the local engine holds %d rows: batches of %d and more go to it",
+                rows,
+                self.large_batch,
+            )
         assert self.small is not None
         try:
             self.small._load()

@@ -206,7 +206,7 @@ class WorkerEngine:
     def _failed(self, batch: list[Pending], exc: Exception) -> None:
         """Generation raised `exc` for `batch` (call it in the `except` block): its
         requests fail, the engine goes on."""
-        self.failures += 1
+        (self._owner or self).failures += 1
         log.exception("text generation failed for a batch of %d", len(batch))
         error = EngineUnavailable(f"generation failed: {type(exc).__name__}")
         for pending in batch:
