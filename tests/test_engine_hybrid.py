@@ -209,6 +209,38 @@ def _raise(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("boom")
 
 
+async def test_a_model_the_local_engine_cannot_serve_is_served_by_ctranslate2(
+    make_engine: Callable[..., HybridTextEngine],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The local engine serves GPT-2-family models only; CTranslate2 more. When
+    the local engine refuses the model, CTranslate2 answers every batch, large
+    ones too; when neither can load it, the local engine's reason is the error."""
+    from bot.engines.text import LocalTextEngine
+
+    def refuse(self: Any) -> None:
+        raise EngineUnavailable("text.model is a LlamaForCausalLM; the local engine serves GPT-2")
+
+    monkeypatch.setattr(LocalTextEngine, "_load", refuse)
+    engine = make_engine(batch_wait_ms=2000)  # two sent together are collected together
+    with caplog.at_level(logging.WARNING, logger="bot.engines.hybrid"):
+        await engine.start()
+    try:
+        assert engine.local is None and "the local engine is not used" in caplog.text
+        finals = await asyncio.gather(*(_final(engine, [f"hi {i}"], f"u{i}") for i in range(2)))
+        assert all(final.tokens > 0 for final in finals)
+        assert engine.batches == {"ctranslate2": 1, "local": 0}
+        assert engine.prompt_budget > 0 and engine.quantized == "int8"
+    finally:
+        await engine.close()
+
+    monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "ctranslate2 is gone")
+    neither = make_engine()
+    with pytest.raises(EngineUnavailable, match="LlamaForCausalLM"):
+        await neither.start()
+
+
 async def test_close_stops_a_running_ctranslate2_batch(
     make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

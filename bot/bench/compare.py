@@ -145,8 +145,9 @@ async def run_peers(
                         threads=torch.get_num_threads(),
                     )
                     hybrid = await stack.enter_async_context(BotApp(hybrid_config))
-                    if getattr(hybrid.engine, "small", None) is None:  # it serves as "local"
-                        note = "CTranslate2 did not load in it (see the log)"
+                    both = (getattr(hybrid.engine, name, None) for name in ("local", "small"))
+                    if not all(both):  # one of its engines did not load: it serves as the other
+                        note = "one of its engines did not load (see the log)"
                         skipped.append(Skipped(OURS_HYBRID, note))
                         default = "ours (bot)"
                     else:

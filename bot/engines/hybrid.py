@@ -20,8 +20,9 @@ manager and the database first), and without that its first part went to
 CTranslate2 and only the rest to the local engine, one after the other.
 
 Both engines load the same model; CTranslate2's converted copy is cached as in
-`bot.engines.ct2`. When CTranslate2 cannot load it, every batch goes to the
-local engine and a warning says why.
+`bot.engines.ct2`. When one cannot load it (CTranslate2 missing; a model that
+is not GPT-2-family, which only CTranslate2 serves), the other answers every
+batch and a warning says why.
 """
 
 from __future__ import annotations
@@ -62,37 +63,57 @@ class HybridTextEngine(WorkerEngine):
             model_key=local.model.key, batch_wait_ms=local.batch_wait_ms, observer=observer
         )
         self.large_batch = large_batch
-        self.local = LocalTextEngine(local, observer)
-        #: None once it failed to load: then the local engine answers everything
+        #: each None once it failed to load: then the other answers everything
+        self.local: LocalTextEngine | None = LocalTextEngine(local, observer)
         self.small: Ct2TextEngine | None = Ct2TextEngine(small, observer)
         self.local.serve_for(self)
         self.small.serve_for(self)
         #: batches each engine answered
         self.batches = {"local": 0, "ctranslate2": 0}
 
-    # -- what the bench and the metrics read: the local engine's -------------------
+    # -- what the bench and the metrics read: the local engine's where it runs ----
 
     @property
     def prompt_budget(self) -> int:
-        return self.local.prompt_budget
+        engine = self.local or self.small
+        return engine.prompt_budget if engine is not None else 0
 
     @property
     def quantized(self) -> str:
-        return self.local.quantized
+        if self.local is not None:
+            return self.local.quantized
+        return self.small.compute_type if self.small is not None else "none"
 
     @property
     def kv_bytes(self) -> int:
-        return self.local.kv_bytes
+        return self.local.kv_bytes if self.local is not None else 0
 
     # -- worker thread -----------------------------------------------------------
 
     def _batch_limit(self) -> int:
-        return self.local._batch_limit()
+        engine = self.local or self.small
+        return engine._batch_limit() if engine is not None else 1
 
     def _load(self) -> None:
-        self.local._load()
-        self.tokenizer = self.local.tokenizer
-        rows = self.local._batch_limit()
+        """Both engines; either alone if the other cannot load (the local engine
+        serves GPT-2-family models only, CTranslate2 may be missing or fail to
+        convert), with a warning; the local engine's error if neither can."""
+        local, small = self.local, self.small
+        assert local is not None and small is not None
+        try:
+            local._load()
+        except EngineUnavailable as exc:
+            log.warning("the local engine is not used (%s): CTranslate2 answers every batch", exc)
+            self.local = None
+            try:
+                small._load()
+            except Exception:
+                log.exception("CTranslate2 could not load either")
+                raise exc from None
+            self.tokenizer = small.tokenizer
+            return
+        self.tokenizer = local.tokenizer
+        rows = local._batch_limit()
         if rows < self.large_batch:  # `kv_cache_mb` holds fewer rows (a larger model)
             self.large_batch = max(2, rows)
             log.info(
@@ -100,9 +121,8 @@ class HybridTextEngine(WorkerEngine):
                 rows,
                 self.large_batch,
             )
-        assert self.small is not None
         try:
-            self.small._load()
+            small._load()
         except EngineUnavailable as exc:
             log.warning("CTranslate2 is not used (%s): the local engine answers every batch", exc)
             self.small = None
@@ -113,18 +133,18 @@ class HybridTextEngine(WorkerEngine):
     def _collect(self, *, burst: int = 0, burst_s: float = 0.0) -> list[Pending] | None:
         """A batch too small for the local engine goes on collecting a burst (see
         the module docstring)."""
-        if self.small is None:
+        if self.small is None or self.local is None:
             return super()._collect()
         return super()._collect(burst=self.large_batch, burst_s=BURST_WAIT_S)
 
     def _run(self, batch: list[Pending]) -> None:
-        small = self.small
-        if small is not None and len(batch) < self.large_batch:
+        local, small = self.local, self.small
+        if small is not None and (local is None or len(batch) < self.large_batch):
             self.batches["ctranslate2"] += 1
             small._run(batch)
-        else:
+        elif local is not None:
             self.batches["local"] += 1
-            self.local._run(batch)
+            local._run(batch)
 
     def _unload(self) -> None:
         if self.small is not None:
