@@ -2,7 +2,7 @@
 ones on the local engine, from one queue on one worker thread.
 
 Why two engines: measured through the whole bot on an Intel Xeon with AMX
-(docs/PERFORMANCE.md), CTranslate2 answered one user 3.3-4x and eight users
+(docs/PERFORMANCE.md), CTranslate2 answered one user 3.2-4.1x and eight users
 1.1-1.2x as fast as the local engine (its decode loop is C++; a one-row step
 of ours is some 150 PyTorch calls, each with a fixed cost), while at 32 users
 the local engine served 1.0-1.4x as many tokens a second (AMX bf16 products,
@@ -14,10 +14,10 @@ engine, which goes on admitting the requests that arrive while it decodes, so
 under sustained load the work stays there until the batch drains. A small
 batch goes on collecting while requests keep arriving less than
 `batch_wait_ms` apart, for up to `BURST_WAIT_S` longer (a lone request waits
-no longer than before): a burst of 32 users
-reaches the worker over tens of milliseconds (each message goes through the
-manager and the database first), and without that its first part went to
-CTranslate2 and only the rest to the local engine, one after the other.
+no longer than before): a burst of 32 users reaches the worker over tens of
+milliseconds (each message goes through the manager and the database first),
+and without that its first part went to CTranslate2 and only the rest to the
+local engine, one after the other.
 
 Both engines load the same model; CTranslate2's converted copy is cached as in
 `bot.engines.ct2`. When one cannot load it (CTranslate2 missing; a model that
