@@ -103,13 +103,12 @@ class HybridTextEngine(WorkerEngine):
         try:
             local._load()
         except EngineUnavailable as exc:
-            log.warning("the local engine is not used (%s): CTranslate2 answers every batch", exc)
-            self.local = None
             try:
                 small._load()
-            except Exception:
-                log.exception("CTranslate2 could not load either")
-                raise exc from None
+            except Exception:  # neither: the local engine's reason, alone (a missing
+                raise exc from None  # model is one line a user can act on)
+            log.warning("the local engine is not used (%s): CTranslate2 answers every batch", exc)
+            self.local = None
             self.tokenizer = small.tokenizer
             return
         self.tokenizer = local.tokenizer
