@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.engine_probes import CountingObserver, hold_at_first_partial
 
 from bot.config import Config, TextSection
 from bot.engine_settings import build_text_engine
@@ -24,23 +25,6 @@ pytest.importorskip(
 
 from bot.engines import ct2
 from bot.engines.ct2 import Ct2TextEngine
-
-
-class _Counter:
-    """An `EngineObserver` that remembers what the engine reported."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.batches: list[int] = []
-
-    def observe_queue(self, engine: str, depth: int) -> None:
-        pass
-
-    def observe_batch(self, rows: int) -> None:
-        self.batches.append(rows)
-
-    def count_tokens(self, count: int) -> None:
-        self.tokens += count
 
 
 @pytest.fixture
@@ -66,7 +50,7 @@ def make_engine(tiny_model_dir: Path, tmp_path: Path) -> Callable[..., Ct2TextEn
 async def test_a_reply_streams_and_ends_with_its_token_counts(
     make_engine: Callable[..., Ct2TextEngine],
 ) -> None:
-    observer = _Counter()
+    observer = CountingObserver()
     engine = make_engine(observer)
     await engine.start()
     try:
@@ -104,7 +88,7 @@ async def test_a_stream_closed_early_stops_its_row(
     """The caller goes away (a timeout, a cancelled task): CTranslate2's
     callback stops that row. The worker is held at the first partial text
     until the stream is closed, so the test does not race the model."""
-    observer = _Counter()
+    observer = CountingObserver()
     engine = make_engine(observer, max_new_tokens=200, min_new_tokens=200)
     closed = threading.Event()
     send = engine._send
@@ -392,18 +376,9 @@ async def test_close_stops_a_running_batch(
 ) -> None:
     """Shutting down does not wait for a long batch: it stops at the next token,
     and its caller still gets the reply so far."""
-    observer = _Counter()
+    observer = CountingObserver()
     engine = make_engine(observer, max_new_tokens=300, min_new_tokens=300)
-    held, closing = threading.Event(), threading.Event()
-    send = engine._send
-
-    def holding(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
-        send(pending, kind, value, tokens)
-        if kind == "partial" and not held.is_set():
-            held.set()
-            assert closing.wait(10)
-
-    monkeypatch.setattr(engine, "_send", holding)
+    held, closing = hold_at_first_partial(monkeypatch, engine)
     await engine.start()
     reply = asyncio.ensure_future(_final(engine, ["tell me a long story"]))
     await asyncio.to_thread(held.wait, 10)

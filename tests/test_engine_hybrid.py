@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.engine_probes import CountingObserver, hold_at_first_partial
 
 from bot.config import Config, TextSection
 from bot.engine_settings import HYBRID, ct2_engine_settings, local_engine_settings
@@ -25,23 +25,6 @@ pytest.importorskip(
 
 from bot.engines import ct2
 from bot.engines.hybrid import HybridTextEngine
-
-
-class _Counter:
-    """An `EngineObserver` that remembers what the engine reported."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.batches: list[int] = []
-
-    def observe_queue(self, engine: str, depth: int) -> None:
-        pass
-
-    def observe_batch(self, rows: int) -> None:
-        self.batches.append(rows)
-
-    def count_tokens(self, count: int) -> None:
-        self.tokens += count
 
 
 @pytest.fixture
@@ -81,7 +64,7 @@ async def _final(engine: HybridTextEngine, turns: list[str], conversation: str =
 async def test_a_lone_request_goes_to_ctranslate2_and_a_full_batch_to_the_local_engine(
     make_engine: Callable[..., HybridTextEngine],
 ) -> None:
-    observer = _Counter()
+    observer = CountingObserver()
     engine = make_engine(observer)
     await engine.start()
     try:
@@ -139,16 +122,7 @@ async def test_requests_arriving_while_the_local_engine_decodes_join_its_batch(
     CTranslate2 or for the batch to end. The shared queue makes that work."""
     # two requests sent together wait `batch_wait_ms` for a third, then go together
     engine = make_engine(large_batch=2, max_batch_size=3, max_new_tokens=40, min_new_tokens=40)
-    started, release = threading.Event(), threading.Event()
-    send = engine.local._send
-
-    def holding(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
-        send(pending, kind, value, tokens)
-        if kind == "partial" and not started.is_set():
-            started.set()
-            assert release.wait(10)
-
-    monkeypatch.setattr(engine.local, "_send", holding)
+    started, release = hold_at_first_partial(monkeypatch, engine.local)
     await engine.start()
     try:
         first = [
@@ -252,16 +226,7 @@ async def test_close_stops_a_running_ctranslate2_batch(
     engine = make_engine(batch_wait_ms=0, max_new_tokens=300, min_new_tokens=300)
     await engine.start()
     assert engine.small is not None
-    held, closing = threading.Event(), threading.Event()
-    send = engine.small._send
-
-    def holding(pending: Any, kind: str, value: Any, tokens: int = 0) -> None:
-        send(pending, kind, value, tokens)
-        if kind == "partial" and not held.is_set():
-            held.set()
-            assert closing.wait(10)
-
-    monkeypatch.setattr(engine.small, "_send", holding)
+    held, closing = hold_at_first_partial(monkeypatch, engine.small)
     reply = asyncio.ensure_future(_final(engine, ["tell me a long story"]))
     await asyncio.to_thread(held.wait, 10)
     closed = asyncio.ensure_future(engine.close())

@@ -119,32 +119,25 @@ async def run_peers(
         try:
             async with contextlib.AsyncExitStack() as stack:
                 app = await stack.enter_async_context(BotApp(config))
-                ct2_app = None
-                if with_ct2:  # the same bot with the other engine, its own database
-                    (workdir / "ct2").mkdir()
-                    ct2_config = bench_config(
+
+                async def bot_with(engine: str, folder: str) -> Any:
+                    """The same bot with another `text.engine`, its own database and
+                    as many threads as the peers get."""
+                    (workdir / folder).mkdir()
+                    other = bench_config(
                         base,
                         model,
-                        workdir / "ct2" / "peers.db",
-                        engine="ctranslate2",
-                        max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens,
-                        threads=torch.get_num_threads(),  # as many as the peers get
-                    )
-                    ct2_app = await stack.enter_async_context(BotApp(ct2_config))
-                others = {OURS_CT2: ct2_app} if ct2_app is not None else {}
-                if default == OURS_HYBRID:  # "auto" here: both engines, a database of their own
-                    (workdir / "hybrid").mkdir()
-                    hybrid_config = bench_config(
-                        base,
-                        model,
-                        workdir / "hybrid" / "peers.db",
-                        engine="auto",
+                        workdir / folder / "peers.db",
+                        engine=engine,
                         max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens,
                         threads=torch.get_num_threads(),
                     )
-                    hybrid = await stack.enter_async_context(BotApp(hybrid_config))
+                    return await stack.enter_async_context(BotApp(other))
+
+                others = {OURS_CT2: await bot_with("ctranslate2", "ct2")} if with_ct2 else {}
+                if default == OURS_HYBRID:  # "auto" here: both engines
+                    hybrid = await bot_with("auto", "hybrid")
                     both = (getattr(hybrid.engine, name, None) for name in ("local", "small"))
                     if not all(both):  # one of its engines did not load: it serves as the other
                         note = "one of its engines did not load (see the log)"

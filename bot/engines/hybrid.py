@@ -71,7 +71,7 @@ class HybridTextEngine(WorkerEngine):
         #: batches each engine answered
         self.batches = {"local": 0, "ctranslate2": 0}
 
-    # -- what the bench and the metrics read: the local engine's where it runs ----
+    # -- what callers read of an engine: the local engine's where it runs ---------
 
     @property
     def prompt_budget(self) -> int:
@@ -83,10 +83,6 @@ class HybridTextEngine(WorkerEngine):
         if self.local is not None:
             return self.local.quantized
         return self.small.compute_type if self.small is not None else "none"
-
-    @property
-    def kv_bytes(self) -> int:
-        return self.local.kv_bytes if self.local is not None else 0
 
     # -- worker thread -----------------------------------------------------------
 
