@@ -72,6 +72,11 @@ class WorkerEngine:
         self._turn_ids: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         #: the engine whose worker this one answers on (`serve_for`), if any
         self._owner: WorkerEngine | None = None
+        #: a worker whose `start` was cancelled while it loaded (it stops by itself)
+        self._abandoned: threading.Thread | None = None
+        #: set by a cancelled `start`; read by the worker once its model has loaded
+        self._stop_after_load = False
+        self._start_lock = threading.Lock()
 
     # -- what a subclass provides (worker thread) -----------------------------------
 
@@ -104,20 +109,39 @@ class WorkerEngine:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the model on the worker thread; raise `EngineUnavailable` if it can't."""
+        """Load the model on the worker thread; raise `EngineUnavailable` if it can't.
+
+        Cancelled while the model loads (shutdown during start-up), the worker is
+        told to stop: a load can't be interrupted, but the thread lets go of the
+        model and ends as soon as it is done, instead of serving nobody forever."""
         if self._thread is not None:
             return
+        if self._abandoned is not None:  # an earlier start was cancelled mid-load
+            await asyncio.to_thread(self._abandoned.join)
+            self._abandoned = None
         loaded = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(
             target=self._worker, args=(loaded,), name=self.thread_name, daemon=True
         )
+        self._stop_after_load = False
         self._thread.start()
-        await loaded
+        try:
+            await loaded
+        except asyncio.CancelledError:
+            with self._start_lock:
+                self._stop_after_load = True
+                if self._ready.is_set():  # the worker already serves: stop it like close()
+                    self._queue.put(_STOP)
+            self._abandoned, self._thread = self._thread, None
+            raise
         if self._load_error is not None:
             self._thread = None
             raise self._load_error
 
     async def close(self) -> None:
+        """Stop the worker once the batch it runs has been answered. A worker
+        still loading for a cancelled `start` is not waited for: it stops by
+        itself when its load ends."""
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -173,9 +197,14 @@ class WorkerEngine:
 
     def _worker(self, loaded: asyncio.Future[None]) -> None:
         loop = loaded.get_loop()
+        abandoned = False
+        self._load_error = None
         try:
             self._load()
-            self._ready.set()
+            with self._start_lock:
+                abandoned = self._stop_after_load
+                if not abandoned:
+                    self._ready.set()
         except BaseException as exc:  # reported to start(), which raises it
             self._load_error = (
                 exc
@@ -186,7 +215,11 @@ class WorkerEngine:
                 log.exception("loading the text model failed")
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is closed: start() is gone
-                loop.call_soon_threadsafe(loaded.set_result, None)
+                loop.call_soon_threadsafe(_settle_load, loaded)
+        if abandoned:
+            log.info("the text model loaded after start-up was cancelled: unloading it")
+            self._unload()
+            return
         if self._load_error is not None:
             return
         try:
@@ -301,3 +334,9 @@ class WorkerEngine:
                 return
             if item is not _STOP:
                 self._send(item, "error", error)
+
+
+def _settle_load(loaded: asyncio.Future[None]) -> None:
+    """Tell `start` the load is over, unless it stopped waiting (cancelled)."""
+    if not loaded.done():
+        loaded.set_result(None)

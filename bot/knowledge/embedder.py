@@ -12,6 +12,7 @@ the same queue in chunks, so questions keep being answered meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import queue
@@ -137,17 +138,34 @@ class Embedder:
         self._tokenizer: Any = None
         #: texts per forward pass, most recent last (for the bench and tests)
         self.batch_sizes: list[int] = []
+        #: a worker whose `start` was cancelled while it loaded (it stops by itself)
+        self._abandoned: threading.Thread | None = None
+        self._stop_after_load = False
+        self._start_lock = threading.Lock()
 
     async def start(self) -> None:
-        """Load the model on the worker thread; raise `KnowledgeError` if it can't."""
+        """Load the model on the worker thread; raise `KnowledgeError` if it can't.
+        Cancelled meanwhile, the worker ends as soon as its load does."""
         if self._thread is not None:
             return
+        if self._abandoned is not None:  # an earlier start was cancelled mid-load
+            await asyncio.to_thread(self._abandoned.join)
+            self._abandoned = None
         loaded: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(
             target=self._worker, args=(loaded,), name="knowledge-embedder", daemon=True
         )
+        self._stop_after_load = False
         self._thread.start()
-        error = await loaded
+        try:
+            error = await loaded
+        except asyncio.CancelledError:
+            with self._start_lock:
+                self._stop_after_load = True
+                if self._model is not None:  # already serving: stop it like close()
+                    self._queue.put(_STOP)
+            self._abandoned, self._thread = self._thread, None
+            raise
         if error is not None:
             self._thread = None
             raise error
@@ -192,13 +210,24 @@ class Embedder:
     def _worker(self, loaded: asyncio.Future[BaseException | None]) -> None:
         loop = loaded.get_loop()
         error: BaseException | None = None
+        abandoned = False
         try:
-            self._model, self._tokenizer = load_encoder(self.model_name)
+            model, tokenizer = load_encoder(self.model_name)
+            with self._start_lock:
+                abandoned = self._stop_after_load
+                if not abandoned:
+                    self._model, self._tokenizer = model, tokenizer
             log.info("embedding model %s loaded", self.model_name)
         except BaseException as exc:  # reported to start(), which raises it
             error = exc
-        loop.call_soon_threadsafe(loaded.set_result, error)
-        if error is not None:
+
+        def settle() -> None:  # unless start() stopped waiting (cancelled)
+            if not loaded.done():
+                loaded.set_result(error)
+
+        with contextlib.suppress(RuntimeError):  # the loop is closed: start() is gone
+            loop.call_soon_threadsafe(settle)
+        if error is not None or abandoned:
             return
         try:
             while (batch := self._collect()) is not None:
