@@ -9,6 +9,7 @@ Only the engine's worker thread calls this module.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -95,11 +96,22 @@ def bf16_is_fast() -> bool:
     return amx_available() or _cpu_has("_is_avx512_bf16_supported")
 
 
+@functools.cache
 def packed_linears_available() -> bool:
+    """Whether oneDNN's prepacked bf16 products run here: PyTorch built with
+    them, and a CPU they support (AVX-512 or AVX-NE-CONVERT: on a CPU with
+    AVX2 alone, an AMD EPYC of the first generation, the reorder refuses to
+    run). Without them a `Bf16Conv1D` multiplies through plain `addmm`."""
     ops = torch.ops.mkldnn
-    return bool(torch._C._has_mkldnn) and all(
+    if not torch._C._has_mkldnn or not all(
         hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
-    )
+    ):
+        return False
+    try:  # the one reliable probe: what the CPU feature checks inside oneDNN say
+        ops._reorder_linear_weight(torch.zeros((32, 32), dtype=torch.bfloat16), 32)
+    except RuntimeError:
+        return False
+    return True
 
 
 #: activations oneDNN can fuse into a linear layer: (post-op, algorithm)

@@ -76,7 +76,7 @@ class LocalTextEngine(WorkerEngine):
         import torch
 
         from bot.engines.gpt2 import Gpt2Runner, supports
-        from bot.engines.linears import bf16_is_fast, quantize_linears
+        from bot.engines.linears import bf16_is_fast, packed_linears_available, quantize_linears
 
         s = self.settings
         # Denormal floats take a slow microcode path on x86: with them a decode
@@ -94,8 +94,14 @@ class LocalTextEngine(WorkerEngine):
                 "'remote' for others"
             )
         quantize = s.quantize
+        fast_bf16 = bf16_is_fast() and packed_linears_available()
         if quantize == "auto":
-            quantize = "bf16" if self.device.type == "cpu" and bf16_is_fast() else "none"
+            quantize = "bf16" if self.device.type == "cpu" and fast_bf16 else "none"
+        elif quantize == "bf16" and self.device.type == "cpu" and not packed_linears_available():
+            log.warning(
+                "text.quantize = 'bf16': this CPU has no oneDNN bf16 products (they need "
+                "AVX-512 or AVX-NE-CONVERT), so bf16 runs slower than 'none' (fp32) here"
+            )
         if quantize != "none" and self.device.type != "cpu":
             raise EngineUnavailable(
                 f"text.quantize = {quantize!r} works on the CPU only; set text.device = 'cpu'"
