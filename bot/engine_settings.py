@@ -57,7 +57,11 @@ def local_engine_settings(section: TextSection) -> LocalEngineSettings:
 
 
 def ct2_engine_settings(section: TextSection, data_dir: Path) -> Ct2EngineSettings:
-    return Ct2EngineSettings(**_model_engine_fields(section), cache_dir=data_dir / "ctranslate2")
+    return Ct2EngineSettings(
+        **_model_engine_fields(section),
+        cache_dir=data_dir / "ctranslate2",
+        kv_cache_mb=section.kv_cache_mb,
+    )
 
 
 def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:

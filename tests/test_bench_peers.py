@@ -21,7 +21,8 @@ from bot.bench.peer_run import OURS_CT2, OURS_HYBRID
 from bot.bench.peers import PeerServer
 from bot.bench.plan import Plan
 from bot.cli import main
-from bot.config import Config
+from bot.config import Config, TextSection
+from bot.engine_settings import resolved_engine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -115,6 +116,8 @@ def test_the_command_prints_json_with_peers_and_memory(
     memory = result["memory"]
     assert "error" not in memory, memory
     assert memory["users"] == 2 and memory["errors"] == 0
+    # the bot as configured: "auto" is what this machine serves with
+    assert memory["engine"] == resolved_engine(TextSection(kv_cache_mb=64))
     assert 0 < memory["kv_bytes"] <= memory["kv_budget_bytes"] == 64 * 2**20
     assert memory["peak_rss_bytes"] > memory["kv_bytes"]
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC

@@ -441,3 +441,48 @@ def test_an_error_while_streaming_ends_that_reply_once(
     assert stops == [True, True, True] and sent == ["partial", "error"]
     failures = [r for r in caplog.records if "streaming a reply failed" in r.getMessage()]
     assert len(failures) == 1
+
+
+async def test_sub_batches_hold_no_more_keys_and_values_than_kv_cache_mb(
+    make_engine: Callable[..., Ct2TextEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A row of the tiny model at 256 + 16 positions holds 272 KiB of keys and
+    values (2 layers, 64 wide, float32): 1 MiB holds three rows, not four, so
+    CTranslate2 decodes three at a time and says so; every request is answered."""
+    engine = make_engine(kv_cache_mb=1, max_history_tokens=256, max_batch_size=8)
+    with caplog.at_level("WARNING", logger="bot.engines.ct2"):
+        await engine.start()
+    try:
+        assert engine.row_kv_bytes == 272 * 2 * 2 * 64 * 4
+        assert engine.sub_batch == 3 and engine._options(10)["max_batch_size"] == 3
+        assert "holds the keys/values of 3 rows" in caplog.text
+        replies = await asyncio.gather(*(_final(engine, [f"hello {i}"]) for i in range(6)))
+        assert all(reply.final for reply in replies)
+        use = engine.kv_use()
+        assert 0 < use.batch_bytes <= engine.kv_reserved_bytes <= 2**20
+        assert use.batch_rows == 3 and use.prefix_bytes == 0
+    finally:
+        await engine.close()
+
+
+async def test_sub_batches_keep_four_rows_when_the_budget_holds_them(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    engine = make_engine(kv_cache_mb=16)
+    await engine.start()
+    try:
+        assert engine.sub_batch == ct2.SUB_BATCH
+    finally:
+        await engine.close()
+    unbounded = make_engine(kv_cache_mb=0, max_history_tokens=480)
+    await unbounded.start()
+    try:
+        assert unbounded.sub_batch == ct2.SUB_BATCH
+    finally:
+        await unbounded.close()
+
+
+def test_cache_precision_follows_the_compute_type() -> None:
+    assert ct2.cache_itemsize("int8") == ct2.cache_itemsize("float32") == 4
+    for half in ("float16", "int8_float16", "bfloat16", "int8_bfloat16"):
+        assert ct2.cache_itemsize(half) == 2

@@ -179,6 +179,31 @@ async def test_fewer_local_rows_than_large_batch_lower_it_and_failures_count_onc
         await engine.close()
 
 
+async def test_both_engines_share_kv_cache_mb(
+    make_engine: Callable[..., HybridTextEngine],
+) -> None:
+    """What CTranslate2's sub-batches may hold is kept out of the local engine's
+    slots and prefix cache, so both together stay within `kv_cache_mb`."""
+    engine = make_engine(kv_cache_mb=2)
+    await engine.start()
+    try:
+        local, small = engine.local, engine.small
+        assert local is not None and small is not None
+        reserved = small.kv_reserved_bytes
+        assert reserved == small.sub_batch * small.row_kv_bytes > 0
+        assert local.kv_reserved_bytes == reserved
+        slots = local.decoder.runner.nbytes
+        assert slots + local.decoder.cache.max_bytes == 2 * 2**20 - reserved
+        await _final(engine, ["hello there"], "ann")  # CTranslate2
+        await asyncio.gather(*(_final(engine, [f"hi {i}"], f"u{i}") for i in range(2)))  # local
+        use = engine.kv_use()
+        assert engine.batches == {"ctranslate2": 1, "local": 1}
+        assert use.total == local.kv_use().total + small.kv_peak_bytes <= 2 * 2**20
+        assert use.prefix_entries == 2 and small.kv_peak_bytes > 0
+    finally:
+        await engine.close()
+
+
 def _raise(*args: Any, **kwargs: Any) -> None:
     raise RuntimeError("boom")
 

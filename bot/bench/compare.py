@@ -164,10 +164,11 @@ async def run_peers(
         if memory:
             from bot.bench.memory import measure_memory
 
-            probe = bench_config(
+            probe = bench_config(  # the bot as configured: "auto" is this machine's default
                 base,
                 model,
                 workdir / "memory.db",
+                engine=base.text.engine,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 threads=torch.get_num_threads(),

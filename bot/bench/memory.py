@@ -1,7 +1,8 @@
 """The bot's memory at load: a fresh process runs the real path (manager +
-SQLite store + engine) with N closed-loop users and reports its peak RSS and
-how much of it is key/value cache (the batch's slots and the prefix cache),
-against the `text.kv_cache_mb` budget."""
+SQLite store + the engine `text.engine` gives this machine) with N
+closed-loop users and reports its peak RSS and how much of it is key/value
+cache (the local engine's slots and prefix cache, the most a CTranslate2
+sub-batch held), against the `text.kv_cache_mb` budget."""
 
 from __future__ import annotations
 
@@ -35,6 +36,17 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def engine_name(engine: Any) -> str:
+    """Which engine serves, as `text.engine` names it ("auto" resolved)."""
+    from bot.engine_settings import HYBRID
+    from bot.engines.ct2 import Ct2TextEngine
+    from bot.engines.hybrid import HybridTextEngine
+
+    if isinstance(engine, HybridTextEngine):
+        return HYBRID
+    return "ctranslate2" if isinstance(engine, Ct2TextEngine) else "local"
+
+
 async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
     from bot.app import BotApp
     from bot.bench.peer_run import CLOSED_LOOP, run_bot
@@ -46,24 +58,23 @@ async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
         run = await run_bot(
             app.manager, engine, CLOSED_LOOP, scripts, "memory", ramp_s=0.0, tick=lambda: None
         )
-        cache = engine.prefix_cache
-        runner = engine.decoder.runner
-        kv = engine.kv_bytes
+        kv = engine.kv_use()
         result = {
+            "engine": engine_name(engine),
             "users": len(scripts),
             "turns": len(scripts[0]) if scripts else 0,
             "errors": len(run.errors),
             "rss_before_start_bytes": before,
             "rss_after_load_bytes": loaded,
             "peak_rss_bytes": _peak_rss_bytes(),
-            "kv_bytes": kv,
-            "kv_batch_bytes": runner.nbytes,
-            "kv_prefix_bytes": cache.bytes_used if cache is not None else 0,
-            "kv_prefix_entries": len(cache) if cache is not None else 0,
+            "kv_bytes": kv.total,
+            "kv_batch_bytes": kv.batch_bytes,
+            "kv_prefix_bytes": kv.prefix_bytes,
+            "kv_prefix_entries": kv.prefix_entries,
             "kv_budget_bytes": config.text.kv_cache_mb * 2**20,
-            "batch_rows": runner.slots,
+            "batch_rows": kv.batch_rows,
         }
-    result["kv_share_of_peak_rss"] = round(kv / result["peak_rss_bytes"], 3)
+    result["kv_share_of_peak_rss"] = round(kv.total / result["peak_rss_bytes"], 3)
     return result
 
 

@@ -34,13 +34,15 @@ def _runs_table(runs: list[dict[str, Any]]) -> list[str]:
 def _memory_line(memory: dict[str, Any]) -> str:
     if "error" in memory:
         return f"memory: not measured ({memory['error']})"
+    within = "within" if memory["kv_bytes"] <= memory["kv_budget_bytes"] else "OVER"
+    engine = memory.get("engine", "local")
     return (
-        f"memory ({memory['users']} users, {memory['turns']} messages each, fresh process): "
-        f"peak RSS {memory['peak_rss_bytes'] / MB:,.0f} MB; KV cache "
+        f"memory ({engine} engine, {memory['users']} users, {memory['turns']} messages each, "
+        f"fresh process): peak RSS {memory['peak_rss_bytes'] / MB:,.0f} MB; KV cache "
         f"{memory['kv_bytes'] / MB:,.1f} MB ({memory['kv_batch_bytes'] / MB:,.1f} MB batch, "
         f"{memory['batch_rows']} rows; {memory['kv_prefix_bytes'] / MB:,.1f} MB prefix cache, "
         f"{memory['kv_prefix_entries']} conversations) = "
-        f"{100 * memory['kv_share_of_peak_rss']:.0f}% of the peak, within "
+        f"{100 * memory['kv_share_of_peak_rss']:.0f}% of the peak, {within} "
         f"text.kv_cache_mb = {memory['kv_budget_bytes'] // MB}"
     )
 

@@ -31,6 +31,32 @@ class TextChunk:
     prompt_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class KvUse:
+    """An engine's key/value memory, against `text.kv_cache_mb` (the bench's
+    memory probe reports it). `batch_bytes` is what the running batch holds or
+    may hold (the local engine's preallocated slots; the most a CTranslate2
+    sub-batch held so far), `prefix_bytes` what is kept between turns."""
+
+    batch_bytes: int = 0
+    #: rows the batch's key/value memory is sized for
+    batch_rows: int = 0
+    prefix_bytes: int = 0
+    prefix_entries: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.batch_bytes + self.prefix_bytes
+
+    def __add__(self, other: KvUse) -> KvUse:
+        return KvUse(
+            self.batch_bytes + other.batch_bytes,
+            max(self.batch_rows, other.batch_rows),
+            self.prefix_bytes + other.prefix_bytes,
+            self.prefix_entries + other.prefix_entries,
+        )
+
+
 class EngineObserver(Protocol):
     """Where an engine reports its load (implemented by `bot.metrics.Metrics`)."""
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.engines import EngineObserver, EngineUnavailable
+from bot.engines import EngineObserver, EngineUnavailable, KvUse
 from bot.engines.loading import (
     load_local_or_hub,
     load_pretrained_lm,
@@ -64,6 +64,20 @@ _META = "aigc-bot.json"
 #: users on the bundled model (Zen 5, one thread): 2,943 tokens/s in sub-batches of
 #: 4, 2,509 of 8, 1,884 in one batch; one user alone is as fast either way.
 SUB_BATCH = 4
+
+
+def cache_itemsize(compute_type: str) -> int:
+    """Bytes per key/value number: CTranslate2 keeps them in the precision of its
+    activations (float32 for "int8" and "float32" on the CPU, 16 bits for the
+    float16 and bfloat16 types)."""
+    return 2 if "float16" in compute_type else 4  # "bfloat16" included
+
+
+def position_kv_bytes(config: Any, compute_type: str) -> int:
+    """Key/value bytes of one position of one row: keys and values in every layer."""
+    layers = int(getattr(config, "n_layer", 0) or getattr(config, "num_hidden_layers", 0))
+    width = int(getattr(config, "n_embd", 0) or getattr(config, "hidden_size", 0))
+    return 2 * layers * width * cache_itemsize(compute_type)
 
 
 #: a `.converting-*` folder older than this was left by a process that died
@@ -202,6 +216,12 @@ class Ct2TextEngine(WorkerEngine):
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
         #: set by `close`: the batch running stops at its next token
         self._stopping = threading.Event()
+        #: rows per sub-batch: `SUB_BATCH`, fewer where `kv_cache_mb` holds fewer
+        self.sub_batch = SUB_BATCH
+        self._position_kv_bytes = 0
+        #: the most key/value memory a sub-batch held so far (its longest prompt
+        #: plus the reply, for its rows)
+        self.kv_peak_bytes = 0
 
     async def close(self) -> None:
         self.stop_batch()
@@ -255,6 +275,7 @@ class Ct2TextEngine(WorkerEngine):
         self.positions = positions
         max_new = s.sampling.max_new_tokens
         self.prompt_budget = max(8, min(s.max_history_tokens, positions - max_new))
+        self._plan_sub_batch(config)
         self.converted = self._converted(source.name, config)
         try:
             self.generator = self._open(self.converted)
@@ -278,6 +299,44 @@ class Ct2TextEngine(WorkerEngine):
             device,
             self.compute_type,
         )
+
+    def _plan_sub_batch(self, config: Any) -> None:
+        """Rows per sub-batch within `kv_cache_mb`, for rows of the longest prompt
+        and reply the budget allows."""
+        s = self.settings
+        self._position_kv_bytes = position_kv_bytes(config, self.compute_type)
+        budget = s.kv_cache_mb * 2**20
+        rows = min(SUB_BATCH, s.max_batch_size)
+        if budget and rows * self.row_kv_bytes > budget:
+            rows = max(1, budget // self.row_kv_bytes)
+            log.warning(
+                "text.kv_cache_mb = %d holds the keys/values of %d rows of %d positions: "
+                "CTranslate2 decodes %d at a time",
+                s.kv_cache_mb,
+                rows,
+                self.row_positions,
+                rows,
+            )
+        self.sub_batch = rows
+
+    @property
+    def row_positions(self) -> int:
+        """The most positions a row holds: the prompt budget and the longest reply."""
+        return min(self.positions, self.prompt_budget + self.settings.sampling.max_new_tokens)
+
+    @property
+    def row_kv_bytes(self) -> int:
+        """Key/value bytes of a row at `row_positions`."""
+        return self.row_positions * self._position_kv_bytes
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """The most key/value memory a sub-batch can hold, once loaded (what an
+        engine sharing `kv_cache_mb` leaves for this one)."""
+        return self.sub_batch * self.row_kv_bytes
+
+    def kv_use(self) -> KvUse:
+        return KvUse(self.kv_peak_bytes, self.sub_batch)
 
     def _open(self, folder: Path) -> Any:
         import ctranslate2
@@ -345,7 +404,7 @@ class Ct2TextEngine(WorkerEngine):
         # no position past the model's: a reply is cut short instead of failing
         room = max(1, self.positions - longest_prompt)
         return {
-            "max_batch_size": SUB_BATCH,
+            "max_batch_size": self.sub_batch,
             "max_length": min(sampling.max_new_tokens, room),
             "min_length": min(sampling.min_new_tokens, room),
             "repetition_penalty": sampling.repetition_penalty,
@@ -384,7 +443,11 @@ class Ct2TextEngine(WorkerEngine):
         self.batch_sizes.append(len(rows))
         if self.observer is not None:
             self.observer.observe_batch(len(rows))
-        options = self._options(max(len(prompt) for prompt in prompts))
+        longest = max(len(prompt) for prompt in prompts)
+        options = self._options(longest)
+        rows_at_once = min(self.sub_batch, len(rows))
+        held = rows_at_once * (longest + options["max_length"]) * self._position_kv_bytes
+        self.kv_peak_bytes = max(self.kv_peak_bytes, held)
         results = self.generator.generate_batch(
             prompts, callback=lambda step: self._on_step(rows, step), **options
         )

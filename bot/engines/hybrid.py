@@ -20,16 +20,18 @@ and without that its first part went to CTranslate2 and only the rest to the
 local engine, one after the other.
 
 Both engines load the same model; CTranslate2's converted copy is cached as in
-`bot.engines.ct2`. When one cannot load it (CTranslate2 missing; a model that
-is not GPT-2-family, which only CTranslate2 serves), the other answers every
-batch and a warning says why.
+`bot.engines.ct2`. They share `kv_cache_mb`: CTranslate2 loads first, and the
+most its sub-batches may hold is kept out of the local engine's slots and
+prefix cache. When one cannot load the model (CTranslate2 missing; a model
+that is not GPT-2-family, which only CTranslate2 serves), the other answers
+every batch and a warning says why.
 """
 
 from __future__ import annotations
 
 import logging
 
-from bot.engines import EngineObserver, EngineUnavailable
+from bot.engines import EngineObserver, EngineUnavailable, KvUse
 from bot.engines.ct2 import Ct2TextEngine
 from bot.engines.settings import Ct2EngineSettings, LocalEngineSettings
 from bot.engines.text import LocalTextEngine
@@ -93,16 +95,22 @@ class HybridTextEngine(WorkerEngine):
     def _load(self) -> None:
         """Both engines; either alone if the other cannot load (the local engine
         serves GPT-2-family models only, CTranslate2 may be missing or fail to
-        convert), with a warning; the local engine's error if neither can."""
+        convert), with a warning; the local engine's error if neither can.
+        CTranslate2 loads first: what its sub-batches may hold of `kv_cache_mb`
+        is kept out of the local engine's share."""
         local, small = self.local, self.small
         assert local is not None and small is not None
+        small_error: Exception | None = None
+        try:
+            small._load()
+            local.kv_reserved_bytes = small.kv_reserved_bytes
+        except Exception as exc:  # reported below, once it is known what serves
+            small_error = exc
         try:
             local._load()
         except EngineUnavailable as exc:
-            try:
-                small._load()
-            except Exception:  # neither: the local engine's reason, alone (a missing
-                raise exc from None  # model is one line a user can act on)
+            if small_error is not None:  # neither: the local engine's reason, alone
+                raise exc from None  # (a missing model is one line a user can act on)
             log.warning("the local engine is not used (%s): CTranslate2 answers every batch", exc)
             self.local = None
             self.tokenizer = small.tokenizer
@@ -116,14 +124,23 @@ class HybridTextEngine(WorkerEngine):
                 rows,
                 self.large_batch,
             )
-        try:
-            small._load()
-        except EngineUnavailable as exc:
-            log.warning("CTranslate2 is not used (%s): the local engine answers every batch", exc)
+        if small_error is not None:
+            detail = small_error if isinstance(small_error, EngineUnavailable) else None
+            log.warning(
+                "CTranslate2 is not used (%s): the local engine answers every batch",
+                detail or "it could not load",
+                exc_info=None if detail else small_error,
+            )
             self.small = None
-        except Exception:
-            log.exception("CTranslate2 could not load: the local engine answers every batch")
-            self.small = None
+
+    def kv_use(self) -> KvUse:
+        """Both engines' key/value memory (the local engine's slots stay allocated
+        while CTranslate2 decodes)."""
+        use = KvUse()
+        for engine in (self.local, self.small):
+            if engine is not None:
+                use = use + engine.kv_use()
+        return use
 
     def _collect(self, *, burst: int = 0, burst_s: float = 0.0) -> list[Pending] | None:
         """A batch too small for the local engine goes on collecting a burst (see

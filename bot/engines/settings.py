@@ -71,6 +71,10 @@ class Ct2EngineSettings(ModelEngineSettings):
 
     #: where converted models are kept
     cache_dir: Path = Path("data/ctranslate2")
+    #: the most key/value memory a running sub-batch may hold (CTranslate2 keeps
+    #: none between turns): fewer rows per sub-batch where the model needs it
+    #: (0: no limit)
+    kv_cache_mb: int = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bot.engines import EngineObserver, EngineUnavailable
+from bot.engines import EngineObserver, EngineUnavailable, KvUse
 from bot.engines.decoding import BatchDecoder, DecodeRequest
 from bot.engines.loading import free_memory, is_out_of_memory, load_causal_lm, model_positions
 from bot.engines.prefix_cache import PrefixCache
@@ -48,6 +48,8 @@ class LocalTextEngine(WorkerEngine):
         self.prompt_budget = settings.max_history_tokens
         #: rows in each recent decode step (the decoder keeps running totals)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=4096)
+        #: of `kv_cache_mb`, what another engine sharing it holds (`bot.engines.hybrid`)
+        self.kv_reserved_bytes = 0
         self.quantized = "none"  # what text.quantize resolved to
 
     @property
@@ -63,9 +65,13 @@ class LocalTextEngine(WorkerEngine):
     @property
     def kv_bytes(self) -> int:
         """Key/value memory now held: the batch's slots and the prefix cache."""
+        return self.kv_use().total
+
+    def kv_use(self) -> KvUse:
         if self._decoder is None:
-            return 0
-        return self._decoder.runner.nbytes + self._decoder.cache.bytes_used
+            return KvUse()
+        cache, runner = self._decoder.cache, self._decoder.runner
+        return KvUse(runner.nbytes, runner.slots, cache.bytes_used, len(cache))
 
     # -- worker thread -----------------------------------------------------------
 
@@ -141,13 +147,15 @@ class LocalTextEngine(WorkerEngine):
         )
 
     def _memory_plan(self, slot_bytes: int) -> tuple[int, int]:
-        """(batch rows, prefix-cache bytes) within `kv_cache_mb`: the batch's own
-        cache first, and what is left for earlier turns."""
+        """(batch rows, prefix-cache bytes) within `kv_cache_mb` (less what another
+        engine sharing it reserved): the batch's own cache first, and what is left
+        for earlier turns."""
         s = self.settings
         budget = s.kv_cache_mb * 2**20
         rows = s.max_batch_size
         if not budget:
             return rows, 0
+        budget = max(slot_bytes, budget - self.kv_reserved_bytes)
         if rows * slot_bytes > budget:
             rows = max(1, budget // slot_bytes)
             log.warning(
