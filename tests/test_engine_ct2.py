@@ -486,3 +486,17 @@ def test_cache_precision_follows_the_compute_type() -> None:
     assert ct2.cache_itemsize("int8") == ct2.cache_itemsize("float32") == 4
     for half in ("float16", "int8_float16", "bfloat16", "int8_bfloat16"):
         assert ct2.cache_itemsize(half) == 2
+
+
+def test_key_value_bytes_per_position_follow_the_config() -> None:
+    from types import SimpleNamespace
+
+    gpt2 = SimpleNamespace(n_layer=12, n_embd=768, n_head=12)
+    assert ct2.position_kv_bytes(gpt2, "int8") == 2 * 12 * 768 * 4
+    assert ct2.position_kv_bytes(gpt2, "int8_float16") == 2 * 12 * 768 * 2
+    # grouped-query attention: 8 heads share 2 key/value heads
+    shared = SimpleNamespace(
+        num_hidden_layers=4, hidden_size=512, num_attention_heads=8, num_key_value_heads=2
+    )
+    assert ct2.position_kv_bytes(shared, "float32") == 2 * 4 * 128 * 4
+    assert ct2.position_kv_bytes(SimpleNamespace(), "int8") == 0  # not bounded, and warned

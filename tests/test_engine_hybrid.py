@@ -159,6 +159,24 @@ async def test_when_ctranslate2_cannot_load_the_local_engine_answers_everything(
         await engine.close()
 
 
+async def test_after_a_fallback_a_restart_tries_both_engines_again(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "ctranslate2 is gone")
+    engine = make_engine(batch_wait_ms=0)
+    await engine.start()
+    assert engine.small is None and engine.local is not None
+    await engine.close()
+    monkeypatch.undo()  # CTranslate2 is back (installed meanwhile)
+    await engine.start()
+    try:
+        assert engine.small is not None and engine.local is not None
+        assert engine.local.kv_reserved_bytes == engine.small.kv_reserved_bytes > 0
+        assert (await _final(engine, ["hello there"])).tokens > 0
+    finally:
+        await engine.close()
+
+
 async def test_fewer_local_rows_than_large_batch_lower_it_and_failures_count_once(
     make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

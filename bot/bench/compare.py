@@ -377,7 +377,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     memory = result.get("memory")
-    if memory and "kv_bytes" in memory:
+    if memory and "kv_bytes" in memory and memory["kv_budget_bytes"]:  # 0: no limit
         found.append(
             {
                 "name": "KV cache within text.kv_cache_mb",

@@ -34,7 +34,8 @@ def _runs_table(runs: list[dict[str, Any]]) -> list[str]:
 def _memory_line(memory: dict[str, Any]) -> str:
     if "error" in memory:
         return f"memory: not measured ({memory['error']})"
-    within = "within" if memory["kv_bytes"] <= memory["kv_budget_bytes"] else "OVER"
+    budget = memory["kv_budget_bytes"]
+    within = "within" if not budget or memory["kv_bytes"] <= budget else "OVER"
     engine = memory.get("engine", "local")
     return (
         f"memory ({engine} engine, {memory['users']} users, {memory['turns']} messages each, "
@@ -43,7 +44,7 @@ def _memory_line(memory: dict[str, Any]) -> str:
         f"{memory['batch_rows']} rows; {memory['kv_prefix_bytes'] / MB:,.1f} MB prefix cache, "
         f"{memory['kv_prefix_entries']} conversations) = "
         f"{100 * memory['kv_share_of_peak_rss']:.0f}% of the peak, {within} "
-        f"text.kv_cache_mb = {memory['kv_budget_bytes'] // MB}"
+        f"text.kv_cache_mb = {budget // MB}{' (no limit)' if not budget else ''}"
     )
 
 

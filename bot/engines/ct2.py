@@ -73,10 +73,24 @@ def cache_itemsize(compute_type: str) -> int:
     return 2 if "float16" in compute_type else 4  # "bfloat16" included
 
 
+def _first(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 0
+
+
 def position_kv_bytes(config: Any, compute_type: str) -> int:
-    """Key/value bytes of one position of one row: keys and values in every layer."""
-    layers = int(getattr(config, "n_layer", 0) or getattr(config, "num_hidden_layers", 0))
-    width = int(getattr(config, "n_embd", 0) or getattr(config, "hidden_size", 0))
+    """Key/value bytes of one position of one row: keys and values in every layer,
+    for the key/value heads only where the model shares them (grouped-query
+    attention); 0 where the config does not say (then nothing is bounded)."""
+    layers = _first(config, "n_layer", "num_hidden_layers", "n_layers", "num_layers")
+    width = _first(config, "n_embd", "hidden_size", "d_model")
+    heads = _first(config, "n_head", "num_attention_heads", "n_heads")
+    kv_heads = _first(config, "num_key_value_heads", "n_kv_heads") or heads
+    if heads and kv_heads < heads:
+        width = width * kv_heads // heads
     return 2 * layers * width * cache_itemsize(compute_type)
 
 
@@ -275,7 +289,6 @@ class Ct2TextEngine(WorkerEngine):
         self.positions = positions
         max_new = s.sampling.max_new_tokens
         self.prompt_budget = max(8, min(s.max_history_tokens, positions - max_new))
-        self._plan_sub_batch(config)
         self.converted = self._converted(source.name, config)
         try:
             self.generator = self._open(self.converted)
@@ -292,6 +305,7 @@ class Ct2TextEngine(WorkerEngine):
             shutil.rmtree(self.converted, ignore_errors=True)
             self.converted = self._converted(source.name, config)
             self.generator = self._open(self.converted)
+        self._plan_sub_batch(config)
         log.info(
             "text model %s served by CTranslate2 %s on %s (%s)",
             Path(source.name).name or source.name,
@@ -307,7 +321,13 @@ class Ct2TextEngine(WorkerEngine):
         self._position_kv_bytes = position_kv_bytes(config, self.compute_type)
         budget = s.kv_cache_mb * 2**20
         rows = min(SUB_BATCH, s.max_batch_size)
-        if budget and rows * self.row_kv_bytes > budget:
+        if budget and not self._position_kv_bytes:
+            log.warning(
+                "the config of %s names no layer count or width: CTranslate2's sub-batches "
+                "are not sized to text.kv_cache_mb",
+                s.model.name,
+            )
+        elif budget and rows * self.row_kv_bytes > budget:
             rows = max(1, budget // self.row_kv_bytes)
             log.warning(
                 "text.kv_cache_mb = %d holds the keys/values of %d rows of %d positions: "

@@ -65,11 +65,13 @@ class HybridTextEngine(WorkerEngine):
             model_key=local.model.key, batch_wait_ms=local.batch_wait_ms, observer=observer
         )
         self.large_batch = large_batch
+        #: both, whatever a fallback left in `local` and `small` (a restart tries both)
+        self._engines = (LocalTextEngine(local, observer), Ct2TextEngine(small, observer))
+        for engine in self._engines:
+            engine.serve_for(self)
         #: each None once it failed to load: then the other answers everything
-        self.local: LocalTextEngine | None = LocalTextEngine(local, observer)
-        self.small: Ct2TextEngine | None = Ct2TextEngine(small, observer)
-        self.local.serve_for(self)
-        self.small.serve_for(self)
+        self.local: LocalTextEngine | None = self._engines[0]
+        self.small: Ct2TextEngine | None = self._engines[1]
         #: batches each engine answered
         self.batches = {"local": 0, "ctranslate2": 0}
 
@@ -98,8 +100,8 @@ class HybridTextEngine(WorkerEngine):
         convert), with a warning; the local engine's error if neither can.
         CTranslate2 loads first: what its sub-batches may hold of `kv_cache_mb`
         is kept out of the local engine's share."""
-        local, small = self.local, self.small
-        assert local is not None and small is not None
+        self.local, self.small = local, small = self._engines
+        local.kv_reserved_bytes = 0
         small_error: Exception | None = None
         try:
             small._load()
@@ -115,6 +117,9 @@ class HybridTextEngine(WorkerEngine):
             self.local = None
             self.tokenizer = small.tokenizer
             return
+        except BaseException:
+            small._unload()
+            raise
         self.tokenizer = local.tokenizer
         rows = local._batch_limit()
         if rows < self.large_batch:  # `kv_cache_mb` holds fewer rows (a larger model)
@@ -125,11 +130,11 @@ class HybridTextEngine(WorkerEngine):
                 self.large_batch,
             )
         if small_error is not None:
-            detail = small_error if isinstance(small_error, EngineUnavailable) else None
+            known = isinstance(small_error, EngineUnavailable)
             log.warning(
                 "CTranslate2 is not used (%s): the local engine answers every batch",
-                detail or "it could not load",
-                exc_info=None if detail else small_error,
+                small_error if known else f"{type(small_error).__name__}: {small_error}",
+                exc_info=None if known else small_error,
             )
             self.small = None
 
@@ -159,8 +164,8 @@ class HybridTextEngine(WorkerEngine):
             local._run(batch)
 
     def _unload(self) -> None:
-        if self.small is not None:
-            self.small._unload()
+        for engine in self._engines:
+            engine._unload()
 
     async def close(self) -> None:
         if self.small is not None:

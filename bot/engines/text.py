@@ -146,6 +146,11 @@ class LocalTextEngine(WorkerEngine):
             cache_bytes / 2**20,
         )
 
+    def _unload(self) -> None:
+        """Let go of the model and its caches once the worker stops."""
+        self._decoder = None
+        self.model = None
+
     def _memory_plan(self, slot_bytes: int) -> tuple[int, int]:
         """(batch rows, prefix-cache bytes) within `kv_cache_mb` (less what another
         engine sharing it reserved): the batch's own cache first, and what is left

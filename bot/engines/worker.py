@@ -77,6 +77,7 @@ class WorkerEngine:
         #: set by a cancelled `start`; read by the worker once its model has loaded
         self._stop_after_load = False
         self._start_lock = threading.Lock()
+        self._starting = asyncio.Lock()
 
     # -- what a subclass provides (worker thread) -----------------------------------
 
@@ -114,6 +115,10 @@ class WorkerEngine:
         Cancelled while the model loads (shutdown during start-up), the worker is
         told to stop: a load can't be interrupted, but the thread lets go of the
         model and ends as soon as it is done, instead of serving nobody forever."""
+        async with self._starting:  # one start at a time: one worker
+            await self._start()
+
+    async def _start(self) -> None:
         if self._thread is not None:
             return
         if self._abandoned is not None:  # an earlier start was cancelled mid-load
@@ -218,9 +223,9 @@ class WorkerEngine:
                 loop.call_soon_threadsafe(_settle_load, loaded)
         if abandoned:
             log.info("the text model loaded after start-up was cancelled: unloading it")
-            self._unload()
-            return
-        if self._load_error is not None:
+        if abandoned or self._load_error is not None:
+            with contextlib.suppress(Exception):  # whatever part of it did load
+                self._unload()
             return
         try:
             while True:

@@ -142,10 +142,15 @@ class Embedder:
         self._abandoned: threading.Thread | None = None
         self._stop_after_load = False
         self._start_lock = threading.Lock()
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
         """Load the model on the worker thread; raise `KnowledgeError` if it can't.
         Cancelled meanwhile, the worker ends as soon as its load does."""
+        async with self._starting:  # one start at a time: one worker
+            await self._start()
+
+    async def _start(self) -> None:
         if self._thread is not None:
             return
         if self._abandoned is not None:  # an earlier start was cancelled mid-load
