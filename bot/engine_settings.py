@@ -79,18 +79,20 @@ def remote_engine_settings(section: TextSection) -> RemoteEngineSettings:
     )
 
 
-#: what "auto" resolves to on a CPU with AMX (`bot.engines.hybrid`)
+#: what "auto" resolves to on a CPU with AMX or without VNNI (`bot.engines.hybrid`)
 HYBRID = "local + ctranslate2"
 
 
 def resolved_engine(section: TextSection) -> str:
     """`text.engine`, with "auto" decided for this machine (docs/PERFORMANCE.md):
-    "ctranslate2" on a CPU without AMX when CTranslate2 is installed, where it
-    answered one user 2.4x and 32 users 1.2x as fast as the local engine through
-    the whole bot, at the same perplexity; `HYBRID` on a CPU with AMX, where
-    CTranslate2 was 3-4x as fast for one user but the local engine ahead at 32
-    users; "local" on CUDA (fp16, continuous batching, prefix reuse) and where
-    CTranslate2 is missing or cannot run the precision."""
+    "ctranslate2" on a CPU with VNNI and without AMX when CTranslate2 is
+    installed, where it answered one user 2.4x and 32 users 1.2x as fast as the
+    local engine through the whole bot, at the same perplexity; `HYBRID` on a CPU
+    with AMX, where CTranslate2 was 3-4x as fast for one user but the local
+    engine ahead at 32 users, and on one without VNNI, where CTranslate2's int8
+    products are slow (2x as fast for one user, the local engine in fp32
+    1.2-1.3x ahead at 32); "local" on CUDA (fp16, continuous batching, prefix
+    reuse) and where CTranslate2 is missing or cannot run the precision."""
     if section.engine != "auto":
         return section.engine
     from bot.engines import ct2
@@ -100,7 +102,7 @@ def resolved_engine(section: TextSection) -> str:
     import ctranslate2
     import torch
 
-    from bot.engines.linears import amx_available
+    from bot.engines.linears import amx_available, int8_is_fast
 
     cuda = torch.cuda.is_available() or ctranslate2.get_cuda_device_count() > 0
     if section.device == "cuda" or (section.device == "auto" and cuda):
@@ -109,7 +111,10 @@ def resolved_engine(section: TextSection) -> str:
     compute_type = ct2.COMPUTE_TYPES["cpu"][section.quantize]
     if ct2.compute_type_missing("cpu", compute_type):
         return "local"
-    return HYBRID if amx_available() else "ctranslate2"
+    # CTranslate2 alone where its int8 products are fast (VNNI) and ours have no
+    # AMX; both engines where either is missing: the local engine is ahead at 32
+    # users there (bf16 on AMX; fp32 against int8 without VNNI)
+    return "ctranslate2" if int8_is_fast() and not amx_available() else HYBRID
 
 
 def build_text_engine(

@@ -222,7 +222,7 @@ def test_a_conversion_another_process_finished_first_is_kept(
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no scratch left
 
 
-def test_auto_picks_ctranslate2_alone_only_on_a_cpu_without_amx(
+def test_auto_picks_ctranslate2_alone_only_on_a_cpu_with_vnni_and_without_amx(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What `text.engine = "auto"` (the default) serves with, by machine."""
@@ -233,8 +233,12 @@ def test_auto_picks_ctranslate2_alone_only_on_a_cpu_without_amx(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(linears, "amx_available", lambda: False)
+    monkeypatch.setattr(linears, "int8_is_fast", lambda: True)
     auto = TextSection(engine="auto")
     assert resolved_engine(auto) == "ctranslate2"
+    monkeypatch.setattr(linears, "int8_is_fast", lambda: False)
+    assert resolved_engine(auto) == HYBRID  # int8 without VNNI: the local engine ahead at 32
+    monkeypatch.setattr(linears, "int8_is_fast", lambda: True)
     assert resolved_engine(TextSection(engine="auto", device="cuda")) == "local"
     for engine in ("local", "ctranslate2", "remote"):
         assert resolved_engine(TextSection(engine=engine)) == engine

@@ -30,7 +30,7 @@ Ask = Callable[[int, list[str]], Awaitable[tuple[str, int, int]]]
 LOCKSTEP, CLOSED_LOOP = "lockstep", "closed-loop"
 #: the bot path with `text.engine = "ctranslate2"` (run when CTranslate2 is installed)
 OURS_CT2 = "ours (bot, ctranslate2)"
-#: the bot path with both engines, where "auto" picks them (a CPU with AMX)
+#: the bot path with both engines, where "auto" picks them (a CPU with AMX or without VNNI)
 OURS_HYBRID = "ours (bot, local + ctranslate2)"
 #: our rows, all the others are peers
 OURS = ("ours (bot)", "ours (engine)", OURS_CT2, OURS_HYBRID)

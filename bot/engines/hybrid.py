@@ -1,12 +1,15 @@
-"""`text.engine = "auto"` on a CPU with AMX: small batches on CTranslate2, large
-ones on the local engine, from one queue on one worker thread.
+"""`text.engine = "auto"` on a CPU with AMX, or without VNNI: small batches on
+CTranslate2, large ones on the local engine, from one queue on one worker thread.
 
 Why two engines: measured through the whole bot on an Intel Xeon with AMX
 (docs/PERFORMANCE.md), CTranslate2 answered one user 3.2-4.1x and eight users
 1.1-1.2x as fast as the local engine (its decode loop is C++; a one-row step
 of ours is some 150 PyTorch calls, each with a fixed cost), while at 32 users
 the local engine served 1.0-1.4x as many tokens a second (AMX bf16 products,
-continuous batching, prefix reuse). Neither is the faster engine at every load.
+continuous batching, prefix reuse). On an AMD EPYC of the first generation
+(AVX2, no VNNI: CTranslate2's int8 products are slow there) it was the same
+picture: CTranslate2 twice as fast for one user, about even at 8, the local
+engine in fp32 1.2-1.3x ahead at 32. Neither is the faster engine at every load.
 
 So each batch the worker collects goes to the engine that is faster at its
 size: fewer than `large_batch` requests to CTranslate2, more to the local
@@ -43,8 +46,10 @@ log = logging.getLogger(__name__)
 #: measured on the AMX Xeon lies between 8 users (CTranslate2 1.1-1.2x ahead) and
 #: 32 (the local engine 1.0-1.4x ahead); see docs/PERFORMANCE.md.
 LARGE_BATCH = 16
-#: the most a small batch goes on collecting a burst, beyond `batch_wait_ms`
-BURST_WAIT_S = 0.05
+#: the most a small batch goes on collecting a burst, beyond `batch_wait_ms`: 50 ms
+#: split the lockstep rounds of 32 users on a slow EPYC (AVX2 only), whose messages
+#: reached the engine over more than that (docs/PERFORMANCE.md)
+BURST_WAIT_S = 0.2
 
 
 class HybridTextEngine(WorkerEngine):

@@ -96,6 +96,13 @@ def bf16_is_fast() -> bool:
     return amx_available() or _cpu_has("_is_avx512_bf16_supported")
 
 
+def int8_is_fast() -> bool:
+    """Whether this CPU has VNNI, the int8 dot products CTranslate2's int8 products
+    are fast with. Without them (an AVX2-only AMD EPYC of the first generation),
+    CTranslate2 int8 served 32 users 0.78x as fast as our fp32 engine."""
+    return _cpu_has("_is_vnni_supported")
+
+
 @functools.cache
 def packed_linears_available() -> bool:
     """Whether oneDNN's prepacked bf16 products run here: PyTorch built with
