@@ -78,6 +78,11 @@ def test_every_engine_gets_the_same_messages_and_token_counts(
     auto = resolved_engine(_config(tmp_path).text)
     default = {"ctranslate2": OURS_CT2, HYBRID: OURS_HYBRID}.get(auto, "ours (bot)")
     assert (OURS_HYBRID in engines) == (auto == HYBRID)  # run only where "auto" picks it
+    for run in result["runs"]:  # both engines: how many batches each answered
+        routed = run.get("engine_batches")
+        assert (routed is not None) == (run["engine"] == OURS_HYBRID)
+        if routed is not None:
+            assert set(routed) == {"local", "ctranslate2"} and sum(routed.values()) >= 1
     assert result["default_engine"] == default
     assert all(t["name"].startswith(default) for t in result["targets"][:2])
     text = format_peers(result)

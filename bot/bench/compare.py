@@ -246,8 +246,10 @@ async def _all_runs(
                     manager, engine, pattern, chosen, f"bot-{tag}", ramp_s=ramp, tick=bar.tick
                 )
             ]
+            routed: dict[int, dict[str, int]] = {}  # run index: batches per engine
             for index, (name, other) in enumerate(others.items()):
                 bar.phase(f"{pattern}, {users} users: {name}")
+                before = dict(getattr(other.engine, "batches", {}))
                 runs.append(
                     await run_bot(
                         other.manager,
@@ -260,6 +262,9 @@ async def _all_runs(
                         name=name,
                     )
                 )
+                if before:  # both engines: which answered how many batches
+                    after = other.engine.batches
+                    routed[len(runs) - 1] = {key: after[key] - before[key] for key in after}
             ask = engine_ask(engine, f"engine-{tag}")
             runs.append(
                 await run_pattern("ours (engine)", pattern, ask, chosen, ramp_s=ramp, tick=bar.tick)
@@ -277,10 +282,11 @@ async def _all_runs(
                 summary = run.summary()
                 summary["mean_batch"] = round(sum(server.batches) / max(1, len(server.batches)), 2)
                 rows.append({**summary, "messages": run.messages, "reply_tokens": run.reply_tokens})
-            for run in runs:
-                rows.append(
-                    {**run.summary(), "messages": run.messages, "reply_tokens": run.reply_tokens}
-                )
+            for index, run in enumerate(runs):
+                row = {**run.summary(), "messages": run.messages, "reply_tokens": run.reply_tokens}
+                if index in routed:
+                    row["engine_batches"] = routed[index]
+                rows.append(row)
     return rows
 
 

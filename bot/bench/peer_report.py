@@ -75,6 +75,13 @@ def format_peers(result: dict[str, Any]) -> str:
             f"{entry['users']:>3} users, {entry['pattern']:<11}: best peer {entry['best_peer']} "
             f"{entry['best_peer_tokens_per_s']:.0f} tokens/s; {ours}"
         )
+    for run in result["runs"]:
+        if "engine_batches" in run:
+            routed = ", ".join(f"{key} {count}" for key, count in run["engine_batches"].items())
+            lines.append(
+                f"{run['users']:>3} users, {run['pattern']:<11}: {run['engine']} answered "
+                f"batches with {routed}"
+            )
     turn = result["turn_latency"]
     lines.append(
         f"turn {turn['turns']} / turn 1 latency ({result.get('default_engine', 'ours (bot)')}, "
