@@ -50,6 +50,12 @@ async def _entered(held: HeldLoad) -> None:
     assert await asyncio.to_thread(held.entered.wait, JOIN_S), "the load never started"
 
 
+async def _cancel_start(start: asyncio.Task[None]) -> None:
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+
+
 def _join(thread: threading.Thread | None) -> None:
     assert thread is not None
     thread.join(JOIN_S)
@@ -78,9 +84,7 @@ async def test_a_text_engine_cancelled_while_loading_stops_once_loaded(
     start = asyncio.create_task(engine.start())
     await _entered(held)
     worker = engine._thread
-    start.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await start
+    await _cancel_start(start)
     held.release()
     await asyncio.to_thread(_join, worker)
     assert held.finished.is_set() and not engine.ready and engine.model is None
@@ -105,9 +109,7 @@ async def test_a_text_engine_cancelled_as_its_load_ends_still_stops(
     held.release()
     # block the loop until the worker serves, so `start` can't resume first
     assert engine._ready.wait(JOIN_S)
-    start.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await start
+    await _cancel_start(start)
     await asyncio.to_thread(_join, worker)
     assert not engine.ready
 
@@ -121,9 +123,7 @@ async def test_an_embedder_cancelled_while_loading_stops_once_loaded(
     start = asyncio.create_task(embedder.start())
     await _entered(held)
     worker = embedder._thread
-    start.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await start
+    await _cancel_start(start)
     held.release()
     await asyncio.to_thread(_join, worker)
     assert not embedder.ready and embedder._model is None
@@ -155,8 +155,6 @@ async def test_a_bot_whose_start_up_is_cancelled_leaves_no_engine_thread(
     await _entered(held)
     ours = _threads("text-engine") - before
     assert len(ours) == 1
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await _cancel_start(task)
     held.release()
     await asyncio.to_thread(_join, ours.pop())

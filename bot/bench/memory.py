@@ -36,20 +36,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def engine_name(engine: Any) -> str:
-    """Which engine serves, as `text.engine` names it ("auto" resolved)."""
-    from bot.engine_settings import HYBRID
-    from bot.engines.ct2 import Ct2TextEngine
-    from bot.engines.hybrid import HybridTextEngine
-
-    if isinstance(engine, HybridTextEngine):
-        return HYBRID
-    return "ctranslate2" if isinstance(engine, Ct2TextEngine) else "local"
-
-
 async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
     from bot.app import BotApp
     from bot.bench.peer_run import CLOSED_LOOP, run_bot
+    from bot.engine_settings import resolved_engine
 
     before = _rss_bytes()
     async with BotApp(config) as app:
@@ -60,7 +50,7 @@ async def _probe(config: Config, scripts: list[list[str]]) -> dict[str, Any]:
         )
         kv = engine.kv_use()
         result = {
-            "engine": engine_name(engine),
+            "engine": resolved_engine(config.text),
             "users": len(scripts),
             "turns": len(scripts[0]) if scripts else 0,
             "errors": len(run.errors),

@@ -25,6 +25,7 @@ from typing import Any
 
 from bot.engines import EngineObserver, EngineUnavailable, TextChunk, clean_reply, final_text
 from bot.engines.prompt import encode_turn
+from bot.engines.startup import StartGuard, settle
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,8 @@ class WorkerEngine:
         self._turn_ids: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         #: the engine whose worker this one answers on (`serve_for`), if any
         self._owner: WorkerEngine | None = None
-        #: a worker whose `start` was cancelled while it loaded (it stops by itself)
-        self._abandoned: threading.Thread | None = None
-        #: set by a cancelled `start`; read by the worker once its model has loaded
-        self._stop_after_load = False
-        self._start_lock = threading.Lock()
-        self._starting = asyncio.Lock()
+        #: a `start` cancelled while the model loads (`bot.engines.startup`)
+        self._guard = StartGuard()
 
     # -- what a subclass provides (worker thread) -----------------------------------
 
@@ -115,29 +112,23 @@ class WorkerEngine:
         Cancelled while the model loads (shutdown during start-up), the worker is
         told to stop: a load can't be interrupted, but the thread lets go of the
         model and ends as soon as it is done, instead of serving nobody forever."""
-        async with self._starting:  # one start at a time: one worker
+        async with self._guard.starting:  # one start at a time: one worker
             await self._start()
 
     async def _start(self) -> None:
         if self._thread is not None:
             return
-        if self._abandoned is not None:  # an earlier start was cancelled mid-load
-            await asyncio.to_thread(self._abandoned.join)
-            self._abandoned = None
+        await self._guard.begin()
         loaded = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(
             target=self._worker, args=(loaded,), name=self.thread_name, daemon=True
         )
-        self._stop_after_load = False
         self._thread.start()
         try:
             await loaded
         except asyncio.CancelledError:
-            with self._start_lock:
-                self._stop_after_load = True
-                if self._ready.is_set():  # the worker already serves: stop it like close()
-                    self._queue.put(_STOP)
-            self._abandoned, self._thread = self._thread, None
+            self._guard.cancel(self._thread, self._ready.is_set, lambda: self._queue.put(_STOP))
+            self._thread = None
             raise
         if self._load_error is not None:
             self._thread = None
@@ -206,10 +197,7 @@ class WorkerEngine:
         self._load_error = None
         try:
             self._load()
-            with self._start_lock:
-                abandoned = self._stop_after_load
-                if not abandoned:
-                    self._ready.set()
+            abandoned = not self._guard.serve(self._ready.set)
         except BaseException as exc:  # reported to start(), which raises it
             self._load_error = (
                 exc
@@ -220,7 +208,7 @@ class WorkerEngine:
                 log.exception("loading the text model failed")
         finally:
             with contextlib.suppress(RuntimeError):  # the loop is closed: start() is gone
-                loop.call_soon_threadsafe(_settle_load, loaded)
+                loop.call_soon_threadsafe(settle, loaded)
         if abandoned:
             log.info("the text model loaded after start-up was cancelled: unloading it")
         if abandoned or self._load_error is not None:
@@ -339,9 +327,3 @@ class WorkerEngine:
                 return
             if item is not _STOP:
                 self._send(item, "error", error)
-
-
-def _settle_load(loaded: asyncio.Future[None]) -> None:
-    """Tell `start` the load is over, unless it stopped waiting (cancelled)."""
-    if not loaded.done():
-        loaded.set_result(None)

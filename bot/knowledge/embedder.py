@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from bot.config.knowledge import BUNDLED_EMBEDDING_MODEL
 from bot.engines.loading import hub_reachable, looks_local
+from bot.engines.startup import StartGuard, settle
 from bot.knowledge.faq import KnowledgeError
 
 log = logging.getLogger(__name__)
@@ -138,38 +139,31 @@ class Embedder:
         self._tokenizer: Any = None
         #: texts per forward pass, most recent last (for the bench and tests)
         self.batch_sizes: list[int] = []
-        #: a worker whose `start` was cancelled while it loaded (it stops by itself)
-        self._abandoned: threading.Thread | None = None
-        self._stop_after_load = False
-        self._start_lock = threading.Lock()
-        self._starting = asyncio.Lock()
+        #: a `start` cancelled while the model loads (`bot.engines.startup`)
+        self._guard = StartGuard()
 
     async def start(self) -> None:
         """Load the model on the worker thread; raise `KnowledgeError` if it can't.
         Cancelled meanwhile, the worker ends as soon as its load does."""
-        async with self._starting:  # one start at a time: one worker
+        async with self._guard.starting:  # one start at a time: one worker
             await self._start()
 
     async def _start(self) -> None:
         if self._thread is not None:
             return
-        if self._abandoned is not None:  # an earlier start was cancelled mid-load
-            await asyncio.to_thread(self._abandoned.join)
-            self._abandoned = None
+        await self._guard.begin()
         loaded: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
         self._thread = threading.Thread(
             target=self._worker, args=(loaded,), name="knowledge-embedder", daemon=True
         )
-        self._stop_after_load = False
         self._thread.start()
         try:
             error = await loaded
         except asyncio.CancelledError:
-            with self._start_lock:
-                self._stop_after_load = True
-                if self._model is not None:  # already serving: stop it like close()
-                    self._queue.put(_STOP)
-            self._abandoned, self._thread = self._thread, None
+            self._guard.cancel(
+                self._thread, lambda: self._model is not None, lambda: self._queue.put(_STOP)
+            )
+            self._thread = None
             raise
         if error is not None:
             self._thread = None
@@ -218,20 +212,16 @@ class Embedder:
         abandoned = False
         try:
             model, tokenizer = load_encoder(self.model_name)
-            with self._start_lock:
-                abandoned = self._stop_after_load
-                if not abandoned:
-                    self._model, self._tokenizer = model, tokenizer
+
+            def publish() -> None:
+                self._model, self._tokenizer = model, tokenizer
+
+            abandoned = not self._guard.serve(publish)
             log.info("embedding model %s loaded", self.model_name)
         except BaseException as exc:  # reported to start(), which raises it
             error = exc
-
-        def settle() -> None:  # unless start() stopped waiting (cancelled)
-            if not loaded.done():
-                loaded.set_result(error)
-
         with contextlib.suppress(RuntimeError):  # the loop is closed: start() is gone
-            loop.call_soon_threadsafe(settle)
+            loop.call_soon_threadsafe(settle, loaded, error)
         if error is not None or abandoned:
             return
         try:
