@@ -82,6 +82,28 @@ async def test_requests_that_arrive_together_share_a_batch(
         await engine.close()
 
 
+async def test_a_lone_request_after_a_quiet_spell_starts_at_once(
+    make_engine: Callable[..., Ct2TextEngine],
+) -> None:
+    """No wait for company when the worker was idle for a while
+    (bot.engines.batch_window): with a window no test could sit out, the
+    request is answered at once, alone."""
+    import time
+
+    from bot.engines.batch_window import QUIET_WINDOWS
+
+    engine = make_engine(batch_wait_ms=120_000)
+    await engine.start()
+    try:
+        quiet_s = QUIET_WINDOWS * 120.0
+        engine.batch_window.clock = lambda: time.monotonic() + quiet_s
+        reply = await asyncio.wait_for(engine.generate(["hello there"]), 60)
+        assert isinstance(reply, str)
+        assert list(engine.batch_sizes) == [1]
+    finally:
+        await engine.close()
+
+
 async def test_a_stream_closed_early_stops_its_row(
     make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,6 +88,29 @@ async def test_a_lone_request_goes_to_ctranslate2_and_a_full_batch_to_the_local_
     assert not engine.ready
 
 
+async def test_a_lone_request_after_a_quiet_spell_goes_to_ctranslate2_at_once(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the batch window nor the burst window holds up a request that
+    finds the worker idle after a quiet spell (bot.engines.batch_window): with
+    windows no test could sit out, it is answered, by CTranslate2, at once."""
+    import time
+
+    from bot.engines import batch_window, hybrid
+
+    monkeypatch.setattr(hybrid, "BURST_WAIT_S", 600.0)
+    engine = make_engine(large_batch=4, max_batch_size=6, batch_wait_ms=120_000)
+    await engine.start()
+    try:
+        quiet_s = batch_window.QUIET_WINDOWS * 120.0
+        engine.batch_window.clock = lambda: time.monotonic() + quiet_s
+        final = await asyncio.wait_for(_final(engine, ["hello there"], "ann"), 60)
+        assert final.tokens > 0
+        assert engine.batches == {"ctranslate2": 1, "local": 0}
+    finally:
+        await engine.close()
+
+
 async def test_a_burst_arriving_over_more_than_the_batch_wait_goes_to_the_local_engine(
     make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

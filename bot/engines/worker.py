@@ -4,7 +4,8 @@ flow back to the event loop.
 
 The worker thread owns the model. Requests from every conversation go into a
 queue; the worker takes the first, waits up to `batch_wait_ms` for more (up to
-`_batch_limit()`) and hands them to `_run`. Results flow back to the event loop
+`_batch_limit()`; not after a quiet spell: `bot.engines.batch_window`) and
+hands them to `_run`. Results flow back to the event loop
 with `call_soon_threadsafe`, so the loop never waits on the model. A subclass
 loads its model in `_load` and answers a batch in `_run`, sending each
 request's partial texts and final reply with `_send`.
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.engines import EngineObserver, EngineUnavailable, TextChunk, clean_reply, final_text
+from bot.engines.batch_window import BatchWindow
 from bot.engines.prompt import encode_turn
 from bot.engines.startup import StartGuard, settle
 
@@ -60,7 +62,7 @@ class WorkerEngine:
     def __init__(self, *, model_key: str, batch_wait_ms: float, observer: EngineObserver | None):
         self.observer = observer
         self._model_key = model_key
-        self._batch_wait_s = batch_wait_ms / 1000
+        self.batch_window = BatchWindow(batch_wait_ms / 1000)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -216,6 +218,7 @@ class WorkerEngine:
                 self._unload()
             return
         try:
+            self.batch_window.rest()
             while True:
                 batch = self._collect()
                 if batch is None:
@@ -224,6 +227,7 @@ class WorkerEngine:
                     self._run(batch)
                 except Exception as exc:
                     self._failed(batch, exc)
+                self.batch_window.rest()
         finally:
             self._ready.clear()
             self._fail_queued(EngineUnavailable("the text engine stopped"))
@@ -242,14 +246,17 @@ class WorkerEngine:
         """The first request waiting (blocking) and whatever joins it within
         `batch_wait_ms`, up to `_batch_limit()`; None once the engine stops. While
         the batch has fewer than `burst` requests it also takes those that come
-        within `batch_wait_ms` of the one before, for up to `burst_s` longer."""
+        within `batch_wait_ms` of the one before, for up to `burst_s` longer. After
+        a quiet spell the first starts at once, with whatever is queued already."""
         first = self._queue.get()
         if first is _STOP:
             return None
         batch = [first]
         limit = self._batch_limit()
-        window = self._batch_wait_s
+        window = self.batch_window.wait()
         started = last = time.monotonic()
+        if not window:
+            burst = 0
         while len(batch) < limit:
             deadline = started + window
             if len(batch) < burst:

@@ -3,9 +3,10 @@
 The worker owns the model (transformers `AutoModel` + `AutoTokenizer`, mean
 pooling, L2 normalisation: how all-MiniLM-L6-v2 was trained). Requests from
 every conversation go into a queue; the worker takes the first, waits up to
-`batch_wait_ms` for more texts (up to `max_batch_size`) and embeds them in one
-forward pass. Results go back to the event loop with `call_soon_threadsafe`,
-so the loop never waits on the model. Index rebuilds send their texts through
+`batch_wait_ms` for more texts (up to `max_batch_size`; not after a quiet
+spell: `bot.engines.batch_window`) and embeds them in one forward pass.
+Results go back to the event loop with `call_soon_threadsafe`, so the loop
+never waits on the model. Index rebuilds send their texts through
 the same queue in chunks, so questions keep being answered meanwhile.
 """
 
@@ -27,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bot.config.knowledge import BUNDLED_EMBEDDING_MODEL
+from bot.engines.batch_window import BatchWindow
 from bot.engines.loading import hub_reachable, looks_local
 from bot.engines.startup import StartGuard, settle
 from bot.knowledge.faq import KnowledgeError
@@ -132,7 +134,7 @@ class Embedder:
     def __init__(self, model: str, *, max_batch_size: int = 32, batch_wait_ms: float = 5.0):
         self.model_name = model
         self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_ms / 1000
+        self.batch_window = BatchWindow(batch_wait_ms / 1000)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._model: Any = None
@@ -225,8 +227,10 @@ class Embedder:
         if error is not None or abandoned:
             return
         try:
+            self.batch_window.rest()
             while (batch := self._collect()) is not None:
                 self._run(batch)
+                self.batch_window.rest()
         finally:
             self._model = None
             self._fail_queued()
@@ -237,7 +241,7 @@ class Embedder:
             return None
         batch: list[_Request] = [first]
         size = len(first.texts)
-        deadline = time.monotonic() + self.batch_wait_s
+        deadline = time.monotonic() + self.batch_window.wait()
         while size < self.max_batch_size:
             timeout = deadline - time.monotonic()
             try:
