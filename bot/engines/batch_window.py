@@ -7,9 +7,15 @@ nobody to wait for. With arrivals that sparse (none in the last
 `QUIET_WINDOWS` windows), the chance that another comes within the window is
 about one in `QUIET_WINDOWS`, so the request starts at once, with whatever is
 already queued. A lone user stops paying the window on every message (10 ms
-of a 40 ms reply on the default engine; docs/PERFORMANCE.md), while under load
-nothing changes: a request that arrives while a batch runs finds the worker
-busy, and the worker was idle for no time at all when it takes it.
+of a 50-60 ms reply on the default engine; docs/PERFORMANCE.md), while under
+load nothing changes: a request that arrives while a batch runs finds the
+worker busy, and the worker was idle for no time at all when it takes it.
+
+What it costs: a burst that begins after a quiet spell (many users at once,
+after none for a while) starts with its first request alone. The local engine
+admits the rest at its next step; CTranslate2, and so the both-engines engine,
+answers that one first, and the rest of the burst, gathered meanwhile, goes
+on together after it (one reply later: about 50 ms on the bundled model).
 
 Used by the text engines' worker (`bot.engines.worker`) and the FAQ embedder
 (`bot.knowledge.embedder`); only their worker thread calls it.

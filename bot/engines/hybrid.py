@@ -20,7 +20,9 @@ batch goes on collecting while requests keep arriving less than
 no longer than before): a burst of 32 users reaches the worker over tens of
 milliseconds (each message goes through the manager and the database first),
 and without that its first part went to CTranslate2 and only the rest to the
-local engine, one after the other.
+local engine, one after the other. (A request that finds the worker idle after a
+quiet spell starts at once, burst or not: `bot.engines.batch_window` says what
+that saves and costs.)
 
 Both engines load the same model; CTranslate2's converted copy is cached as in
 `bot.engines.ct2`. They share `kv_cache_mb`: CTranslate2 loads first, and the

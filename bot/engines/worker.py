@@ -199,6 +199,7 @@ class WorkerEngine:
         self._load_error = None
         try:
             self._load()
+            self.batch_window.rest()  # idle from here, before `start` returns
             abandoned = not self._guard.serve(self._ready.set)
         except BaseException as exc:  # reported to start(), which raises it
             self._load_error = (
@@ -218,7 +219,6 @@ class WorkerEngine:
                 self._unload()
             return
         try:
-            self.batch_window.rest()
             while True:
                 batch = self._collect()
                 if batch is None:

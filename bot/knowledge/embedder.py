@@ -218,6 +218,7 @@ class Embedder:
             def publish() -> None:
                 self._model, self._tokenizer = model, tokenizer
 
+            self.batch_window.rest()  # idle from here, before `start` returns
             abandoned = not self._guard.serve(publish)
             log.info("embedding model %s loaded", self.model_name)
         except BaseException as exc:  # reported to start(), which raises it
@@ -227,7 +228,6 @@ class Embedder:
         if error is not None or abandoned:
             return
         try:
-            self.batch_window.rest()
             while (batch := self._collect()) is not None:
                 self._run(batch)
                 self.batch_window.rest()
