@@ -104,6 +104,29 @@ async def test_a_lone_request_after_a_quiet_spell_starts_at_once(
         await engine.close()
 
 
+@pytest.mark.parametrize("requests", [3, 6])
+async def test_the_observer_hears_the_rows_of_every_decode_step(
+    make_engine: Callable[..., Ct2TextEngine], requests: int
+) -> None:
+    """`observe_batch` means rows per decode step for every engine (the
+    `aigc_bot_engine_batch_size` histogram), read from CTranslate2's per-token
+    callbacks: sub-batches of `sub_batch` rows, one after another. A batch's
+    last step is reported once `generate_batch` returns, after its replies:
+    the counts are read once the worker has stopped."""
+    observer = CountingObserver()
+    engine = make_engine(observer, max_new_tokens=6, min_new_tokens=6)
+    await engine.start()
+    try:
+        prompts = [f"my friend number {number} likes coffee" for number in range(requests)]
+        await asyncio.gather(*(engine.generate([prompt]) for prompt in prompts))
+    finally:
+        await engine.close()
+    assert sum(observer.batches) == 6 * requests  # a row a token: every row runs 6 steps
+    assert max(observer.batches) <= engine.sub_batch
+    if max(engine.batch_sizes) <= engine.sub_batch:  # one sub-batch a batch
+        assert observer.batches == [size for size in engine.batch_sizes for _ in range(6)]
+
+
 async def test_a_stream_closed_early_stops_its_row(
     make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,7 +155,10 @@ async def test_a_stream_closed_early_stops_its_row(
         reply = [chunk async for chunk in engine.stream(["hello"])][-1]
         assert reply.tokens == 200  # min_new_tokens: a row that is not stopped runs on
         assert observer.tokens - reply.tokens <= 2  # the stopped row: a token or two
-        assert observer.batches == [1, 1]
+        assert set(observer.batches) == {1}  # rows per decode step: one row each time
+        # its 200 steps (the last may be reported a moment after the reply) and the
+        # stopped row's one to three
+        assert 200 <= len(observer.batches) <= 203
     finally:
         closed.set()
         await engine.close()

@@ -208,6 +208,29 @@ class _Row:
     done: bool = False
 
 
+class _StepRows:
+    """Rows per decode step, from CTranslate2's per-token callbacks, for
+    `EngineObserver.observe_batch` (the local engine reports each step's rows
+    too). A step's callbacks come one per row; a row seen again, or another
+    step index, begins the next step (sub-batches run one after another)."""
+
+    def __init__(self, observer: EngineObserver) -> None:
+        self.observer = observer
+        self.step = -1
+        self.rows: set[int] = set()
+
+    def see(self, step: int, row: int) -> None:
+        if step != self.step or row in self.rows:
+            self.flush()
+            self.step = step
+        self.rows.add(row)
+
+    def flush(self) -> None:
+        if self.rows:
+            self.observer.observe_batch(len(self.rows))
+            self.rows = set()
+
+
 class Ct2TextEngine(WorkerEngine):
     """Batched, streaming generation through CTranslate2's `Generator`."""
 
@@ -461,16 +484,19 @@ class Ct2TextEngine(WorkerEngine):
         rows = [_Row(pending) for pending in live]
         prompts = [self._prompt(pending) for pending in live]
         self.batch_sizes.append(len(rows))
-        if self.observer is not None:
-            self.observer.observe_batch(len(rows))
+        steps = _StepRows(self.observer) if self.observer is not None else None
         longest = max(len(prompt) for prompt in prompts)
         options = self._options(longest)
         rows_at_once = min(self.sub_batch, len(rows))
         held = rows_at_once * (longest + options["max_length"]) * self._position_kv_bytes
         self.kv_peak_bytes = max(self.kv_peak_bytes, held)
-        results = self.generator.generate_batch(
-            prompts, callback=lambda step: self._on_step(rows, step), **options
-        )
+        try:
+            results = self.generator.generate_batch(
+                prompts, callback=lambda step: self._on_step(rows, step, steps), **options
+            )
+        finally:
+            if steps is not None:
+                steps.flush()
         for row, result in zip(rows, results, strict=True):
             if not row.done:  # stopped (cancelled), or the callback failed for it
                 row.ids = [token for token in result.sequences_ids[0] if token != self.eos_id]
@@ -485,7 +511,7 @@ class Ct2TextEngine(WorkerEngine):
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         self._send(row.pending, "done", text, len(row.ids))
 
-    def _on_step(self, rows: list[_Row], step: Any) -> bool:
+    def _on_step(self, rows: list[_Row], step: Any, steps: _StepRows | None = None) -> bool:
         """CTranslate2's callback for each new token of one row (on one of its
         threads, while the worker waits in `generate_batch`); True stops that
         row. Streams the growing text at most every `stream_interval_s`, and
@@ -495,6 +521,8 @@ class Ct2TextEngine(WorkerEngine):
         if row.done:
             return True
         try:
+            if steps is not None:
+                steps.see(step.step, step.batch_id)
             if row.pending.cancelled.is_set() or self._stopping.is_set():
                 return True
             if step.token_id != self.eos_id:
