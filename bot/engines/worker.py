@@ -5,10 +5,10 @@ flow back to the event loop.
 The worker thread owns the model. Requests from every conversation go into a
 queue; the worker takes the first, waits up to `batch_wait_ms` for more (up to
 `_batch_limit()`; not after a quiet spell: `bot.engines.batch_window`) and
-hands them to `_run`. Results flow back to the event loop
-with `call_soon_threadsafe`, so the loop never waits on the model. A subclass
-loads its model in `_load` and answers a batch in `_run`, sending each
-request's partial texts and final reply with `_send`.
+hands them to `_run`. Results flow back to the event loop with
+`call_soon_threadsafe`, so the loop never waits on the model. A subclass loads
+its model in `_load` and answers a batch in `_run`, sending each request's
+partial texts and final reply with `_send`.
 """
 
 from __future__ import annotations

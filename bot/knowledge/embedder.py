@@ -6,8 +6,8 @@ every conversation go into a queue; the worker takes the first, waits up to
 `batch_wait_ms` for more texts (up to `max_batch_size`; not after a quiet
 spell: `bot.engines.batch_window`) and embeds them in one forward pass.
 Results go back to the event loop with `call_soon_threadsafe`, so the loop
-never waits on the model. Index rebuilds send their texts through
-the same queue in chunks, so questions keep being answered meanwhile.
+never waits on the model. Index rebuilds send their texts through the same
+queue in chunks, so questions keep being answered meanwhile.
 """
 
 from __future__ import annotations
