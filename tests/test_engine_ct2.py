@@ -127,6 +127,40 @@ async def test_the_observer_hears_the_rows_of_every_decode_step(
         assert observer.batches == [size for size in engine.batch_sizes for _ in range(6)]
 
 
+@pytest.mark.parametrize(
+    ("configured", "cores", "expected"),
+    [(0, 2, 1), (0, 1, 1), (0, None, 1), (0, 16, 0), (3, 2, 3), (1, 16, 1)],
+)
+def test_threads_0_gives_ctranslate2_one_thread_on_a_small_machine(
+    monkeypatch: pytest.MonkeyPatch, configured: int, cores: int | None, expected: int
+) -> None:
+    monkeypatch.setattr(ct2.os, "cpu_count", lambda: cores)
+    assert ct2.intra_threads(configured) == expected
+
+
+async def test_the_generator_gets_the_threads_chosen_for_the_machine(
+    make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ctranslate2
+
+    opened: list[dict[str, Any]] = []
+    real = ctranslate2.Generator
+
+    def generator(*args: Any, **kwargs: Any) -> Any:
+        opened.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctranslate2, "Generator", generator)
+    monkeypatch.setattr(ct2.os, "cpu_count", lambda: 2)
+    engine = make_engine(threads=0)
+    await engine.start()
+    try:
+        assert isinstance(await engine.generate(["hello there"]), str)
+    finally:
+        await engine.close()
+    assert [kwargs["intra_threads"] for kwargs in opened] == [1]
+
+
 async def test_a_stream_closed_early_stops_its_row(
     make_engine: Callable[..., Ct2TextEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -208,6 +208,21 @@ class _Row:
     done: bool = False
 
 
+#: Machines with at most this many cores give CTranslate2 one thread when
+#: `text.threads = 0`: on a 2-vCPU Xeon its two-thread kernels ran 4.5-9x slower
+#: than one thread, alone in the process (docs/PERFORMANCE.md), and the event
+#: loop and the database need the other core anyway.
+SMALL_MACHINE_CORES = 2
+
+
+def intra_threads(configured: int) -> int:
+    """CTranslate2's `intra_threads` for `text.threads` (0: one thread on a small
+    machine, CTranslate2's own default, 0, elsewhere)."""
+    if configured:
+        return configured
+    return 1 if (os.cpu_count() or 1) <= SMALL_MACHINE_CORES else 0
+
+
 class _StepRows:
     """Rows per decode step, from CTranslate2's per-token callbacks, for
     `EngineObserver.observe_batch` (the local engine reports each step's rows
@@ -388,7 +403,7 @@ class Ct2TextEngine(WorkerEngine):
             str(folder),
             device=self.device,
             compute_type=self.compute_type,
-            intra_threads=self.settings.threads,
+            intra_threads=intra_threads(self.settings.threads),
             inter_threads=1,
         )
 

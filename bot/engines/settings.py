@@ -41,7 +41,8 @@ class ModelEngineSettings:
     #: the precision, as `text.quantize` names it (each engine says what it means)
     quantize: str = "auto"
     max_history_tokens: int = 256
-    #: CPU threads of the model's kernels (0: the library's default)
+    #: CPU threads of the model's kernels (0: the library's default; for CTranslate2,
+    #: one on a machine of two cores or fewer: `bot.engines.ct2.intra_threads`)
     threads: int = 0
     max_batch_size: int = 32
     batch_wait_ms: float = 10.0
