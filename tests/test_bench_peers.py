@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,10 +43,26 @@ def _config(tmp_path: Path) -> Config:
 
 
 def test_every_engine_gets_the_same_messages_and_token_counts(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plan = _plan(tiny_model_dir)
+    assert plan.threads is None  # each engine's own default, as the bot gives it
+    opened: list[int] = []  # every CTranslate2 generator's threads: the peers' and ours
+    if peers.ctranslate2_missing() is None:
+        import ctranslate2
+
+        real = ctranslate2.Generator
+
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            opened.append(kwargs["intra_threads"])
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ctranslate2, "Generator", generator)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # a small machine: one thread each
     result = asyncio.run(run_peers(_config(tmp_path), plan, memory=False))
+    assert result["device"]["ctranslate2_threads"] == 1
+    if peers.ctranslate2_missing() is None:
+        assert opened and set(opened) == {1}
 
     runs = result["runs"]
     engines = {run["engine"] for run in runs}

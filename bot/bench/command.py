@@ -57,7 +57,8 @@ def add_subcommand(sub: Any) -> None:
     bench.add_argument(
         "--threads",
         type=_positive,
-        help="torch CPU threads for both paths (default: torch's own, one per core)",
+        help="CPU threads of every engine (default: each engine's own, as the bot's "
+        "text.threads = 0 gives them)",
     )
     bench.add_argument(
         "--quick",

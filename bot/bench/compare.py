@@ -82,6 +82,7 @@ async def run_peers(
 
     from bot.app import BotApp
     from bot.bench.workloads import heldout_dialogues
+    from bot.engines.ct2 import intra_threads
     from bot.engines.loading import load_causal_lm
     from bot.engines.settings import ModelSource
 
@@ -89,6 +90,9 @@ async def run_peers(
     load_start = load_average()
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    # without --threads every engine gets what the bot would give it: PyTorch's
+    # default, and CTranslate2's rule (`intra_threads`) for the peers and our bots alike
+    ct2_threads = plan.threads or intra_threads(0)
     new_tokens = plan.new_tokens or base.text.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="aigc-peers-") as tmp:
         workdir = Path(tmp)
@@ -110,7 +114,7 @@ async def run_peers(
             workdir,
             sampling=sampling,
             new_tokens=new_tokens,
-            threads=torch.get_num_threads(),
+            threads=ct2_threads,
         )
         with_ct2 = peers_module.ctranslate2_missing() is None
         default = _default_row(base, with_ct2)
@@ -122,7 +126,7 @@ async def run_peers(
 
                 async def bot_with(engine: str, folder: str) -> Any:
                     """The same bot with another `text.engine`, its own database and
-                    as many threads as the peers get."""
+                    the peers' threads (`--threads`, or each engine's default)."""
                     (workdir / folder).mkdir()
                     other = bench_config(
                         base,
@@ -131,7 +135,7 @@ async def run_peers(
                         engine=engine,
                         max_new_tokens=new_tokens,
                         min_new_tokens=new_tokens,
-                        threads=torch.get_num_threads(),
+                        threads=plan.threads or 0,
                     )
                     return await stack.enter_async_context(BotApp(other))
 
@@ -152,6 +156,7 @@ async def run_peers(
                     "model": {**describe_model(model, hf_model, tokenizer), "chosen": chosen},
                     "device": {
                         **describe_device(device, hf_model),
+                        "ctranslate2_threads": ct2_threads,
                         "linears": getattr(engine, "quantized", "none"),
                     },
                     "prompt_budget": engine.prompt_budget,
@@ -171,7 +176,7 @@ async def run_peers(
                 engine=base.text.engine,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                threads=torch.get_num_threads(),
+                threads=plan.threads or 0,
             )
             users, turns = max(plan.users), min(plan.turns, 8)
             measured = await asyncio.to_thread(measure_memory, probe, scripts, users, turns)
