@@ -18,6 +18,16 @@ def _line(ok: bool | None, what: str, detail: str) -> str:
     return f"[{mark}] {what}: {detail}"
 
 
+def _ct2_threads(configured: int) -> str:
+    """How many threads CTranslate2 gets for `text.threads`, in words."""
+    from bot.engines.ct2 import intra_threads
+
+    threads = intra_threads(configured)
+    if not threads:
+        return "its default threads"
+    return "1 thread" if threads == 1 else f"{threads} threads"
+
+
 def _model_architecture(model: str) -> str | None:
     config_file = Path(model).expanduser() / "config.json"
     if not config_file.is_file():
@@ -61,6 +71,7 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
 
     model = config.text.model
     engine = resolved_engine(config.text)
+    ct2 = f"CTranslate2 ({_ct2_threads(config.text.threads)})"
     if engine == "local":
         chosen = " (text.engine = 'auto' on this machine)" if config.text.engine == "auto" else ""
         print(_line(True, "text engine", f"local{chosen}"))
@@ -70,7 +81,7 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
             _line(
                 True,
                 "text engine",
-                f"local for large batches, CTranslate2 for small ones (converted models in "
+                f"local for large batches, {ct2} for small ones (converted models in "
                 f"{cache}; text.engine = 'auto' on this machine)",
             )
         )
@@ -86,7 +97,7 @@ async def run_checks(config: Config, explicit_path: str | None) -> int:
             chosen = (
                 "; text.engine = 'auto' on this machine" if config.text.engine == "auto" else ""
             )
-            print(_line(True, "text engine", f"CTranslate2, converted models in {cache}{chosen}"))
+            print(_line(True, "text engine", f"{ct2}, converted models in {cache}{chosen}"))
     if engine == "remote":
         print(_line(None, "text model", f"remote engine at {config.text.remote_url}"))
     elif looks_local(model):

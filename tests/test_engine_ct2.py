@@ -282,9 +282,16 @@ async def test_doctor_names_the_engine_and_what_it_needs(
 ) -> None:
     from bot.doctor import run_checks
 
+    monkeypatch.setattr(ct2.os, "cpu_count", lambda: 2)
     config = make_config(text={"engine": "ctranslate2"})
     await run_checks(config, None)
-    assert "[ok  ] text engine: CTranslate2, converted models in" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[ok  ] text engine: CTranslate2 (1 thread), converted models in" in out
+    await run_checks(make_config(text={"engine": "ctranslate2", "threads": 3}), None)
+    assert "text engine: CTranslate2 (3 threads)," in capsys.readouterr().out
+    monkeypatch.setattr(ct2.os, "cpu_count", lambda: 16)
+    await run_checks(config, None)
+    assert "text engine: CTranslate2 (its default threads)," in capsys.readouterr().out
     monkeypatch.setattr(ct2, "ctranslate2_missing", lambda: "ctranslate2 is gone")
     failures = await run_checks(config, None)
     assert "[FAIL] text engine: ctranslate2 is gone" in capsys.readouterr().out

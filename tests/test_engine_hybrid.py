@@ -389,4 +389,5 @@ async def test_doctor_says_both_engines_serve(
     monkeypatch.setattr(linears, "amx_available", lambda: True)
     await run_checks(make_config(text={"engine": "auto", "device": "cpu"}), None)
     out = capsys.readouterr().out
-    assert "[ok  ] text engine: local for large batches, CTranslate2 for small ones" in out
+    assert "[ok  ] text engine: local for large batches, CTranslate2 (" in out
+    assert ") for small ones" in out
