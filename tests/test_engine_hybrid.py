@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.engine_probes import CountingObserver, hold_at_first_partial
+from support.engine_probes import CountingObserver, hold_at_first_partial, idle_for
 
 from bot.config import Config, TextSection
 from bot.engine_settings import HYBRID, ct2_engine_settings, local_engine_settings
@@ -94,16 +94,13 @@ async def test_a_lone_request_after_a_quiet_spell_goes_to_ctranslate2_at_once(
     """Neither the batch window nor the burst window holds up a request that
     finds the worker idle after a quiet spell (bot.engines.batch_window): with
     windows no test could sit out, it is answered, by CTranslate2, at once."""
-    import time
-
-    from bot.engines import batch_window, hybrid
+    from bot.engines import hybrid
 
     monkeypatch.setattr(hybrid, "BURST_WAIT_S", 600.0)
     engine = make_engine(large_batch=4, max_batch_size=6, batch_wait_ms=120_000)
     await engine.start()
     try:
-        quiet_s = batch_window.QUIET_WINDOWS * 120.0
-        engine.batch_window.clock = lambda: time.monotonic() + quiet_s
+        idle_for(engine.batch_window)
         final = await asyncio.wait_for(_final(engine, ["hello there"], "ann"), 60)
         assert final.tokens > 0
         assert engine.batches == {"ctranslate2": 1, "local": 0}
@@ -119,16 +116,12 @@ async def test_a_burst_after_a_quiet_spell_waits_for_its_first_reply_then_goes_t
     once; the others, arriving while it is answered, find a worker that was
     just busy, wait for company as before and go to the local engine together."""
     import threading
-    import time
-
-    from bot.engines import batch_window
 
     engine = make_engine(large_batch=2, max_batch_size=2, batch_wait_ms=120_000)
     await engine.start()
     try:
         assert engine.small is not None
-        quiet_s = batch_window.QUIET_WINDOWS * 120.0
-        engine.batch_window.clock = lambda: time.monotonic() + quiet_s
+        idle_for(engine.batch_window)
         taken = threading.Event()
         run_small = engine.small._run
 

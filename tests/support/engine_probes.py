@@ -1,12 +1,24 @@
 """Probes for tests of the real text engines: an observer that remembers what an
-engine reported, and a hold on its worker thread at the first partial text."""
+engine reported, a hold on its worker thread at the first partial text, and a
+worker made to look idle for a while."""
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
+
+from bot.engines.batch_window import QUIET_WINDOWS, BatchWindow
+
+
+def idle_for(window: BatchWindow, windows: float = QUIET_WINDOWS) -> None:
+    """Make the worker behind `window` look idle for `windows` batch windows
+    (by default a quiet spell: its next request starts at once). Call it after
+    `start`: the worker rests before `start` returns."""
+    ahead = windows * window.wait_s
+    window.clock = lambda: time.monotonic() + ahead
 
 
 class CountingObserver:
